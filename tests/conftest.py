@@ -1,0 +1,99 @@
+"""Shared fixtures: every test that takes ``backend`` runs once per installed namespace/device.
+
+CPU backends: NumPy, array-api-strict on its default device, on ``device1`` (catches a forgotten
+``device=``: mixing devices raises) and on ``no_float64`` (catches a hidden float64), and
+PyTorch-CPU. GPU backends (CuPy, torch CUDA) carry the ``gpu`` mark and are skipped with the
+probe's reason when absent. Set ``XPCNN_REQUIRE_BACKENDS=cpu,strict:cpu,...`` (CI does) to turn a
+skip of a listed backend into a failure, so a missing dependency cannot hide tests.
+"""
+
+import os
+
+import numpy as np
+import pytest
+
+from xpcnn.backends import BackendUnavailable, get_backend, to_numpy
+
+CPU_BACKENDS = ["cpu", "strict:cpu", "strict:device1", "strict:no_float64", "torch:cpu"]
+GPU_BACKENDS = ["cuda:0", "torch:cuda:0"]
+NO_FLOAT64 = {"strict:no_float64"}
+
+
+def _param(spec):
+    marks = [pytest.mark.gpu] if spec in GPU_BACKENDS else []
+    return pytest.param(spec, marks=marks, id=spec)
+
+
+def pytest_generate_tests(metafunc):
+    specs = CPU_BACKENDS + GPU_BACKENDS
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", [_param(s) for s in specs], indirect=True)
+    elif "backend_dtype" in metafunc.fixturenames:
+        pairs = [
+            (s, d)
+            for s in specs
+            for d in ("float32", "float64")
+            if not (d == "float64" and s in NO_FLOAT64)
+        ]
+        metafunc.parametrize(
+            "backend_dtype",
+            [pytest.param((s, d), marks=_param(s).marks, id=f"{s}-{d}") for s, d in pairs],
+            indirect=True,
+        )
+    elif "backend64" in metafunc.fixturenames:
+        metafunc.parametrize(
+            "backend64", [_param(s) for s in specs if s not in NO_FLOAT64], indirect=True
+        )
+
+
+def _resolve(spec):
+    try:
+        return get_backend(spec)
+    except BackendUnavailable as exc:
+        required = [s for s in os.environ.get("XPCNN_REQUIRE_BACKENDS", "").split(",") if s]
+        if spec in required:
+            pytest.fail(f"required backend {spec} is unavailable: {exc}")
+        pytest.skip(str(exc))
+
+
+@pytest.fixture(scope="session")
+def backend(request):
+    return _resolve(request.param)
+
+
+@pytest.fixture(scope="session")
+def backend_dtype(request):
+    spec, dtype = request.param
+    return _resolve(spec), dtype
+
+
+@pytest.fixture(scope="session")
+def backend64(request):
+    return _resolve(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def tolerance(dtype):
+    """(rtol, atol) for comparing against a float64 reference, relative to the data's scale."""
+    return (1e-10, 1e-10) if dtype == "float64" else (2e-4, 2e-5)
+
+
+def assert_close(actual, expected, dtype, what=""):
+    """Compare an array of any namespace with a NumPy reference; scale atol by the reference."""
+    a = to_numpy(actual).astype(np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
+    rtol, atol = tolerance(dtype)
+    scale = max(1.0, float(np.abs(e).max(initial=0.0)))
+    np.testing.assert_allclose(a, e, rtol=rtol, atol=atol * scale, err_msg=what)
+
+
+def max_rel_err(actual, expected):
+    """max |a - e| / max |e|: the figure the closing notes report."""
+    a = to_numpy(actual).astype(np.float64)
+    e = np.asarray(expected, dtype=np.float64)
+    return float(np.abs(a - e).max(initial=0.0) / max(np.abs(e).max(initial=0.0), 1e-300))

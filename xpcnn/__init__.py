@@ -1,0 +1,22 @@
+"""xpcnn: convolutional networks with hand-written gradients on the Python Array API.
+
+The same layer code runs on NumPy, CuPy, PyTorch tensors and any other Array API namespace;
+`get_backend` maps a device string ("cpu", "cuda:1", "torch:cpu", ...) to a namespace and device.
+"""
+
+from . import conv, functional, nn
+from .backends import BackendUnavailable, available_backends, get_backend, register_backend
+from .nn import SimpleCNN
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailable",
+    "SimpleCNN",
+    "available_backends",
+    "conv",
+    "functional",
+    "get_backend",
+    "nn",
+    "register_backend",
+]

@@ -1,0 +1,15 @@
+"""NumPy on the host: the ``"cpu"`` backend."""
+
+from .base import Backend
+
+
+class NumpyBackend(Backend):
+    family = "cpu"
+
+
+def make(arg):
+    if arg not in (None, "cpu"):
+        raise ValueError(f"'cpu' takes no device index, got 'cpu:{arg}'")
+    import array_api_compat.numpy as xp
+
+    return NumpyBackend("cpu", xp, "cpu")

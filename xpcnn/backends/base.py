@@ -1,0 +1,77 @@
+"""The `Backend` object: one array namespace plus one device, and the few host-side chores.
+
+A backend is what a device string such as ``"cuda:1"`` resolves to. Layers never ask for it: they
+read the namespace from their input (``array_namespace(x)``). The trainer, the model's ``.to()`` and
+the checkpoint code use it to move host (NumPy) arrays in and out and to wait for the device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+
+
+class BackendUnavailable(RuntimeError):
+    """A known backend cannot be used on this machine; the message says exactly why."""
+
+
+class Backend:
+    """A namespace and a device, with host transfers and synchronisation.
+
+    Subclasses override `to_host`, `synchronize` and `activate` where their library needs it;
+    everything else is plain Array API.
+    """
+
+    family = "base"
+
+    def __init__(self, name, xp, device):
+        self.name = name  # canonical device string, e.g. "cuda:0"
+        self.xp = xp  # array-api-compat namespace
+        self.device = device  # the namespace's device object
+
+    def __repr__(self):
+        return f"Backend({self.name!r})"
+
+    def __eq__(self, other):
+        return isinstance(other, Backend) and other.name == self.name
+
+    def __hash__(self):
+        return hash(self.name)
+
+    def dtype(self, name):
+        """The namespace's dtype object for ``"float32"``, ``"float64"``, ``"uint8"``, ..."""
+        if not isinstance(name, str):
+            return name
+        try:
+            return getattr(self.xp, name)
+        except AttributeError:
+            raise TypeError(f"unknown dtype {name!r} for backend {self.name}") from None
+
+    def asarray(self, host, dtype=None):
+        """Copy a host (NumPy) array, or any array with DLPack, onto this backend's device."""
+        host = np.asarray(host)
+        dt = self.dtype(dtype) if dtype is not None else None
+        with self.activate():
+            return self.xp.asarray(host, dtype=dt, device=self.device, copy=True)
+
+    def to_host(self, x):
+        """A NumPy copy of ``x`` (which must live on this backend)."""
+        return np.asarray(x)
+
+    def synchronize(self):
+        """Wait for queued device work to finish (for honest timings). No-op on the CPU."""
+
+    def activate(self):
+        """Context in which creation calls land on this backend's device (CuPy needs it)."""
+        return contextlib.nullcontext()
+
+    def owns(self, x):
+        """True if ``x`` is an array of this backend's namespace on its device."""
+        try:
+            from array_api_compat import array_namespace, device
+
+            same_ns = array_namespace(x) is self.xp
+            return same_ns and device(x) == self.device
+        except TypeError:
+            return False

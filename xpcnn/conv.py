@@ -1,0 +1,215 @@
+"""Convolution math: im2col, the forward pass and its three gradients, in pure Array API code.
+
+Conventions
+-----------
+Public arrays are NCHW like PyTorch: inputs ``(N, C, H, W)``, weights ``(O, C, kh, kw)``, outputs
+``(N, O, OH, OW)``. Internally every function works on NHWC *views* (``permute_dims``, no copy),
+because then a row of the im2col matrix is one output pixel and the matrix product
+``col @ W.T`` lands directly in NHWC order. Outputs are returned as NCHW views of NHWC memory, so
+the next convolution's NHWC view is again free.
+
+Sizes, per spatial axis, with input size ``H``, kernel ``k``, stride ``s``, padding ``p``::
+
+    OH = (H + 2p - k) // s + 1
+
+Forward (a correlation, like every deep-learning "convolution")::
+
+    Z[n, y, x, o] = b[o] + sum_{c,i,j} Xpad[n, s*y + i, s*x + j, c] * W[o, c, i, j]
+
+im2col gathers, for every output pixel (n, y, x), the ``C*kh*kw`` input values it sees into one
+row, so the whole layer is one matrix product ``Z = col @ W.reshape(O, C*kh*kw).T``. The rows are
+built from ``kh*kw`` strided slices of the padded input, one per kernel offset (i, j).
+
+Gradients, given ``G = dL/dZ``:
+
+* weight: ``dW = G.T @ col`` (each weight saw exactly the inputs in its column);
+* bias: ``db = G.sum over n, y, x``;
+* input, by dilation (the default): insert ``s - 1`` zeros between the elements of G, pad it by
+  ``k - 1 - p`` on each side (plus the rows the stride skipped at the bottom/right), then run a
+  stride-1 convolution with the kernel rotated 180 degrees and its in/out channels swapped.
+  See `input_grad_dilation` for why this is exactly the transposed convolution;
+* input, by col2im (optional, fewer multiply-adds): ``dcol = G @ W2d`` then scatter-add every
+  column back to the input pixel it came from. Tested equal to the dilation path.
+"""
+
+from __future__ import annotations
+
+import array_api_extra as xpx
+from array_api_compat import array_namespace, device
+
+INPUT_GRAD_METHODS = ("dilation", "col2im")
+
+
+def pair(v, name="value"):
+    """``3 -> (3, 3)``; ``(2, 3)`` unchanged. Refuses anything but non-negative ints."""
+    t = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, tuple | list) else (v,)
+    if len(t) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in t):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
+    if min(t) < 0:
+        raise ValueError(f"{name} must be non-negative, got {v!r}")
+    return t
+
+
+def output_size(size, kernel, stride, padding):
+    """Spatial output size of a convolution along one axis."""
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def to_nhwc(x):
+    """NCHW -> NHWC as a view (no data moves)."""
+    return array_namespace(x).permute_dims(x, (0, 2, 3, 1))
+
+
+def to_nchw(x):
+    """NHWC -> NCHW as a view (no data moves)."""
+    return array_namespace(x).permute_dims(x, (0, 3, 1, 2))
+
+
+def im2col(x, kernel, stride):
+    """Patches of an NHWC array (already padded) as a matrix.
+
+    Returns ``col`` of shape ``(N*OH*OW, C*kh*kw)``, row ``(n, y, x)`` holding the window under
+    output pixel (y, x), its columns in ``(c, i, j)`` order so that they line up with
+    ``W.reshape(O, C*kh*kw)``; and ``(OH, OW)``.
+    """
+    xp = array_namespace(x)
+    n, h, w, c = x.shape
+    (kh, kw), (sh, sw) = kernel, stride
+    oh, ow = (h - kh) // sh + 1, (w - kw) // sw + 1
+    # One strided slice per kernel offset (i, j): element [n, y, x, c] of slice (i, j) is
+    # x[n, s*y + i, s*x + j, c], the input that offset sees from output pixel (y, x).
+    slices = [
+        x[:, i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw, :]
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    col = xp.stack(slices, axis=-1)  # (N, OH, OW, C, kh*kw)
+    return xp.reshape(col, (n * oh * ow, c * kh * kw)), (oh, ow)
+
+
+def pad_hw(x, padding):
+    """Zero-pad the two spatial axes of an NHWC array."""
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return x
+    return xpx.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+
+
+def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
+    """Convolution forward. Returns ``(Z, col)``: Z is NCHW, col is kept for the weight gradient."""
+    xp = array_namespace(x, weight)
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
+    o, c, kh, kw = weight.shape
+    n = x.shape[0]
+    col, (oh, ow) = im2col(pad_hw(to_nhwc(x), padding), (kh, kw), stride)
+    z = col @ xp.matrix_transpose(xp.reshape(weight, (o, c * kh * kw)))  # (N*OH*OW, O)
+    if bias is not None:
+        z += bias
+    return to_nchw(xp.reshape(z, (n, oh, ow, o))), col
+
+
+def conv2d(x, weight, bias=None, stride=1, padding=0):
+    """``torch.nn.functional.conv2d`` equivalent (groups=1, dilation=1): NCHW in, NCHW out."""
+    return conv2d_forward(x, weight, bias, stride, padding)[0]
+
+
+def dilate_pad(g, stride, offset, size):
+    """Spread NHWC ``g`` over a zero array of spatial ``size``, element (y, x) landing at
+    ``(offset_h + s_h*y, offset_w + s_w*x)``.
+
+    This is "insert s-1 zeros between elements, then pad by ``offset`` before and whatever
+    fills ``size`` after" in one write. A negative offset crops instead of padding (it happens
+    when the forward padding exceeds k-1), and elements that fall outside ``size`` are dropped
+    (they come from outputs that only saw padding).
+    """
+    xp = array_namespace(g)
+    n, oh, ow, o = g.shape
+    out = xp.zeros((n, size[0], size[1], o), dtype=g.dtype, device=device(g))
+    index = [slice(None)]
+    src = [slice(None)]
+    for a, s, m, full in zip(offset, stride, (oh, ow), size, strict=True):
+        lo = 0 if a >= 0 else (-a + s - 1) // s  # first element that lands at >= 0
+        hi = min(m, (full - a + s - 1) // s)  # one past the last that lands at < full
+        if hi <= lo:
+            return out
+        index.append(slice(a + lo * s, a + (hi - 1) * s + 1, s))
+        src.append(slice(lo, hi))
+    index.append(slice(None))
+    src.append(slice(None))
+    return xpx.at(out)[tuple(index)].set(g[tuple(src)])
+
+
+def rotate_kernel(weight):
+    """Rotate each kernel by 180 degrees, swap in/out channels: (O, C, kh, kw) -> (C, O, kh, kw)."""
+    xp = array_namespace(weight)
+    return xp.permute_dims(xp.flip(weight, axis=(2, 3)), (1, 0, 2, 3))
+
+
+def input_grad_dilation(g, weight, in_size, stride, padding):
+    """dL/dX (NHWC) from G = dL/dZ (NHWC) by dilation and a stride-1 convolution.
+
+    Why it works, along one axis: ``Z[y] = sum_i Xpad[s*y + i] W[i]``, so input row ``h`` (of the
+    unpadded X, i.e. ``Xpad`` row ``h + p``) receives ``G[y] * W[i]`` from every (y, i) with
+    ``s*y + i = h + p``. Put G's rows at positions ``s*y`` of a zero array D (the dilation); then
+    ``dX[h] = sum_i D[h + p - i] W[i]``. Substituting ``i' = k - 1 - i`` (the 180-degree rotation)
+    gives ``dX[h] = sum_i' D[h - (k - 1 - p) + i'] Wrot[i']``: a stride-1 correlation of D padded
+    by ``k - 1 - p`` in front with the rotated kernel. Output channel o of the forward pass is an
+    input channel of this one, hence the channel swap. Rows of X beyond the last window the stride
+    reached get zero gradient: that is the extra "remainder" padding at the end.
+    """
+    xp = array_namespace(g, weight)
+    kh, kw = weight.shape[2:]
+    (h, w), (ph, pw) = in_size, padding
+    d = dilate_pad(g, stride, (kh - 1 - ph, kw - 1 - pw), (h + kh - 1, w + kw - 1))
+    w_rot = rotate_kernel(weight)  # (C, O, kh, kw)
+    c, o = w_rot.shape[:2]
+    col, _ = im2col(d, (kh, kw), (1, 1))  # (N*H*W, O*kh*kw)
+    dx = col @ xp.matrix_transpose(xp.reshape(w_rot, (c, o * kh * kw)))
+    return xp.reshape(dx, (g.shape[0], h, w, c))
+
+
+def input_grad_col2im(g, weight, in_size, stride, padding):
+    """dL/dX (NHWC) from G (NHWC) as ``G @ W2d`` followed by col2im (scatter-add of the patches).
+
+    Same result as `input_grad_dilation`, without multiplying the inserted zeros.
+    """
+    xp = array_namespace(g, weight)
+    n, oh, ow, o = g.shape
+    _, c, kh, kw = weight.shape
+    (h, w), (sh, sw), (ph, pw) = in_size, stride, padding
+    dcol = xp.reshape(g, (n * oh * ow, o)) @ xp.reshape(weight, (o, c * kh * kw))
+    dcol = xp.reshape(dcol, (n, oh, ow, c, kh, kw))
+    dx = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=g.dtype, device=device(g))
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i, i + sh * (oh - 1) + 1, sh)
+            cols = slice(j, j + sw * (ow - 1) + 1, sw)
+            dx = xpx.at(dx)[:, rows, cols, :].add(dcol[:, :, :, :, i, j])
+    return dx[:, ph : ph + h, pw : pw + w, :]
+
+
+def conv2d_backward(
+    g, col, x_shape, weight, stride=1, padding=0, *, input_grad="dilation", need_input_grad=True
+):
+    """Gradients of a convolution. ``g`` is dL/dZ (NCHW), ``col`` what the forward returned.
+
+    Returns ``(dx, dw, db)``: dx NCHW (None when ``need_input_grad`` is false, e.g. for the
+    first layer, whose input is data), dw like ``weight``, db of shape ``(O,)``.
+    """
+    xp = array_namespace(g, weight)
+    stride, padding = pair(stride, "stride"), pair(padding, "padding")
+    n, o, oh, ow = g.shape
+    g_nhwc = to_nhwc(g)
+    g2d = xp.reshape(g_nhwc, (n * oh * ow, o))
+    dw = xp.reshape(xp.matrix_transpose(g2d) @ col, weight.shape)
+    db = xp.sum(g2d, axis=0)
+    if not need_input_grad:
+        return None, dw, db
+    in_size = tuple(x_shape[2:])
+    if input_grad == "dilation":
+        dx = input_grad_dilation(g_nhwc, weight, in_size, stride, padding)
+    elif input_grad == "col2im":
+        dx = input_grad_col2im(g_nhwc, weight, in_size, stride, padding)
+    else:
+        raise ValueError(f"input_grad must be one of {INPUT_GRAD_METHODS}, got {input_grad!r}")
+    return to_nchw(dx), dw, db

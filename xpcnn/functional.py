@@ -1,0 +1,66 @@
+"""The non-convolution math: ReLU, linear (fully connected) and softmax cross-entropy, each with
+its hand-written gradient. Pure Array API; the convolution lives in `xpcnn.conv`.
+"""
+
+from __future__ import annotations
+
+from array_api_compat import array_namespace, device
+
+
+def relu(x):
+    """``max(x, 0)`` elementwise."""
+    return array_namespace(x).clip(x, min=0.0)
+
+
+def relu_backward(g, y):
+    """dL/dx of ReLU from dL/dy and the forward *output* y: g where y > 0, else 0."""
+    return array_namespace(g, y).where(y > 0, g, 0.0)
+
+
+def linear(x, weight, bias=None):
+    """``y = x @ W.T + b`` with PyTorch's layout: x (N, in), W (out, in), b (out,)."""
+    xp = array_namespace(x, weight)
+    y = x @ xp.matrix_transpose(weight)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def linear_backward(g, x, weight, need_input_grad=True):
+    """Gradients of `linear` from g = dL/dy: ``dx = g @ W``, ``dW = g.T @ x``, ``db = sum_n g``."""
+    xp = array_namespace(g, x, weight)
+    dw = xp.matrix_transpose(g) @ x
+    db = xp.sum(g, axis=0)
+    dx = g @ weight if need_input_grad else None
+    return dx, dw, db
+
+
+def log_softmax(logits):
+    """``z - logsumexp(z)`` per row, shifted by the row maximum so exp never overflows."""
+    xp = array_namespace(logits)
+    shifted = logits - xp.max(logits, axis=1, keepdims=True)
+    return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
+
+
+def one_hot(labels, num_classes, dtype=None):
+    """Boolean (or ``dtype``) one-hot matrix (N, K) of integer labels, on the labels' device."""
+    xp = array_namespace(labels)
+    classes = xp.arange(num_classes, dtype=labels.dtype, device=device(labels))
+    hot = labels[:, None] == classes
+    return hot if dtype is None else xp.astype(hot, dtype)
+
+
+def cross_entropy(logits, labels):
+    """Mean softmax cross-entropy over the batch and its gradient with respect to the logits.
+
+    ``logits`` (N, K) float, ``labels`` (N,) integers in [0, K). With p = softmax(z) and y the
+    one-hot label, ``L = -mean_n log p[n, label_n]`` and ``dL/dz = (p - y) / N``.
+    Returns ``(loss, dlogits)``; loss is a 0-d array on the logits' device.
+    """
+    xp = array_namespace(logits, labels)
+    n, k = logits.shape
+    logp = log_softmax(logits)
+    hot = one_hot(labels, k)
+    loss = -xp.sum(xp.where(hot, logp, 0.0)) / n
+    grad = (xp.exp(logp) - xp.astype(hot, logits.dtype)) / n
+    return loss, grad

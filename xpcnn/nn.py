@@ -1,0 +1,580 @@
+"""Layers and models: thin stateful wrappers around the math in `xpcnn.conv` and `xpcnn.functional`.
+
+Every layer has ``forward(x)`` (also ``layer(x)``) and ``backward(grad_out) -> grad_in``. In
+training mode (the default) forward keeps what backward needs; backward stores each parameter's
+gradient in ``param.grad`` (overwriting, not accumulating) and releases that cache. In eval mode
+(``model.eval()``) forward keeps nothing, which is what inference wants.
+
+Parameters and their names follow PyTorch (``conv1.weight`` is ``(out, in, kh, kw)``,
+``fc1.weight`` is ``(out, in)``), so ``state_dict()`` round-trips with ``torch.nn`` models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from array_api_compat import array_namespace, device
+
+from . import conv as C
+from . import functional as F
+from . import init
+from .backends import get_backend, to_numpy
+
+__all__ = ["Conv2d", "Flatten", "Linear", "Module", "Parameter", "ReLU", "Sequential", "build"]
+
+DTYPES = ("float32", "float64")
+
+
+def _check_dtype(dtype):
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    return dtype
+
+
+class Parameter:
+    """A trainable array (``data``) and its gradient (``grad``, None until a backward pass)."""
+
+    __slots__ = ("data", "grad")
+
+    def __init__(self, data):
+        self.data = data
+        self.grad = None
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
+
+
+class Module:
+    """Base class: parameter bookkeeping, ``state_dict``, device and dtype moves, train/eval."""
+
+    def __init__(self, *, dtype="float32", device="cpu"):
+        self.training = True
+        self.name = None  # set by the parent Sequential; used in error messages
+        self.dtype = _check_dtype(dtype)
+        self.backend = get_backend(device)
+        self._cache = None
+
+    # --- to be provided by layers -------------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_out, need_input_grad=True):
+        raise NotImplementedError
+
+    def own_parameters(self):
+        """``(name, Parameter)`` pairs that belong to this module itself (not its children)."""
+        return ()
+
+    def children(self):
+        """``(name, Module)`` pairs of direct sub-modules."""
+        return ()
+
+    def config(self):
+        """A JSON-able description from which `build` recreates this module (without weights)."""
+        return {"type": type(self).__name__}
+
+    def reset_parameters(self, seed=None):
+        """Draw fresh initial weights (PyTorch's default scheme) from ``seed``."""
+
+    # --- shared machinery -----------------------------------------------------------------------
+    def __call__(self, x):
+        return self.forward(x)
+
+    @property
+    def label(self):
+        """How error messages name this layer, e.g. ``Conv2d 'conv2' (32->64, k=2, s=2, p=1)``."""
+        named = f" {self.name!r}" if self.name else ""
+        return f"{type(self).__name__}{named}{self._shape_text()}"
+
+    def _shape_text(self):
+        return ""
+
+    def modules(self):
+        """This module and every descendant, depth first."""
+        yield self
+        for _, child in self.children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix=""):
+        """``(dotted name, Parameter)`` for every parameter, in PyTorch's naming and order."""
+        for name, p in self.own_parameters():
+            yield prefix + name, p
+        for cname, child in self.children():
+            yield from child.named_parameters(f"{prefix}{cname}.")
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode=True):
+        """Training mode: forward keeps what backward needs."""
+        for m in self.modules():
+            m.training = mode
+            m._cache = None
+        return self
+
+    def eval(self):
+        """Inference mode: forward keeps nothing."""
+        return self.train(False)
+
+    def state_dict(self):
+        """``{name: NumPy array}`` copies of every parameter, PyTorch names and layouts."""
+        return {name: self.backend.to_host(p.data) for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        """Load parameters from a mapping of NumPy arrays or torch tensors (any device).
+
+        Values are cast to the model's dtype and moved to its device. Missing or unexpected keys
+        and wrong shapes raise ValueError naming them; nothing is changed unless all are valid.
+        """
+        if not isinstance(state, Mapping):
+            raise TypeError(
+                f"load_state_dict expects a mapping of name -> array, got {type(state)}"
+            )
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if missing or unexpected:
+            raise ValueError(
+                f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
+                f" (expected exactly {list(params)})"
+            )
+        host = {}
+        for name, p in params.items():
+            try:
+                value = to_numpy(state[name])
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"load_state_dict: {name!r} is not an array ({exc})") from None
+            if tuple(value.shape) != p.shape:
+                raise ValueError(
+                    f"load_state_dict: {name!r} has shape {tuple(value.shape)}, "
+                    f"the model expects {p.shape}"
+                )
+            if value.dtype.kind not in "fiu":
+                raise TypeError(f"load_state_dict: {name!r} has non-numeric dtype {value.dtype}")
+            host[name] = value
+        for name, p in params.items():
+            p.data = self.backend.asarray(host[name], self.dtype)
+            p.grad = None
+        return self
+
+    def to(self, device=None, dtype=None):
+        """Move every parameter to ``device`` (a device string or Backend) and/or cast to ``dtype``
+        (``"float32"``/``"float64"``). Gradients and caches are dropped. Returns self."""
+        backend = self.backend if device is None else get_backend(device)
+        dtype = self.dtype if dtype is None else _check_dtype(dtype)
+        for p in self.parameters():
+            p.data = backend.asarray(to_numpy(p.data), dtype)
+            p.grad = None
+        for m in self.modules():
+            m.backend, m.dtype, m._cache = backend, dtype, None
+        return self
+
+    # --- helpers for layers ---------------------------------------------------------------------
+    def _check_input(self, x, ndim, layout):
+        try:
+            array_namespace(x)
+        except TypeError:
+            raise TypeError(f"{self.label}: expected an array, got {type(x).__name__}") from None
+        if not self.backend.owns(x):
+            raise TypeError(
+                f"{self.label}: input lives on {array_namespace(x).__name__} / {device(x)!r}, "
+                f"the layer on backend {self.backend.name!r}; move one of them "
+                f"(get_backend({self.backend.name!r}).asarray(x) or model.to(...))"
+            )
+        if x.ndim != ndim:
+            raise ValueError(
+                f"{self.label}: expected a {ndim}-D input {layout}, got shape {tuple(x.shape)}"
+            )
+        if x.dtype != self.backend.dtype(self.dtype):
+            raise TypeError(
+                f"{self.label}: input dtype {x.dtype} does not match the layer's {self.dtype}; "
+                "cast the input or call model.to(dtype=...)"
+            )
+
+    def _check_grad(self, g, expected):
+        if tuple(g.shape) != tuple(expected):
+            raise ValueError(
+                f"{self.label}: backward expected grad_out of shape {tuple(expected)}, "
+                f"got {tuple(g.shape)}"
+            )
+
+    def _pop_cache(self):
+        if self._cache is None:
+            raise RuntimeError(
+                f"{self.label}: backward() needs a forward() in training mode first "
+                "(model.train(); each forward allows one backward)"
+            )
+        cache, self._cache = self._cache, None
+        return cache
+
+    def _init_params(self, generator, weight_shape, fan_in, bias):
+        self.weight = Parameter(
+            self.backend.asarray(init.uniform_fan_in(generator, weight_shape, fan_in), self.dtype)
+        )
+        self.bias = None
+        if bias:
+            self.bias = Parameter(
+                self.backend.asarray(
+                    init.uniform_fan_in(generator, weight_shape[:1], fan_in), self.dtype
+                )
+            )
+
+    def __repr__(self):
+        return self.label
+
+
+class Conv2d(Module):
+    """2-D convolution (cross-correlation), NCHW, like ``torch.nn.Conv2d`` with groups=1.
+
+    ``input_grad`` picks how backward computes dL/dx: ``"dilation"`` (default; the dilated
+    gradient convolved with the rotated kernel) or ``"col2im"`` (fewer multiply-adds).
+    """
+
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        *,
+        bias=True,
+        seed=None,
+        dtype="float32",
+        device="cpu",
+        input_grad="dilation",
+    ):
+        super().__init__(dtype=dtype, device=device)
+        for arg, v in (("in_channels", in_channels), ("out_channels", out_channels)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Conv2d: {arg} must be a positive int, got {v!r}")
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size = C.pair(kernel_size, "kernel_size")
+        self.stride = C.pair(stride, "stride")
+        self.padding = C.pair(padding, "padding")
+        if min(self.kernel_size) < 1 or min(self.stride) < 1:
+            raise ValueError(
+                f"Conv2d: kernel_size and stride must be >= 1, got {kernel_size!r}, {stride!r}"
+            )
+        self.input_grad = input_grad
+        self.has_bias = bool(bias)
+        self.reset_parameters(seed)
+
+    @property
+    def input_grad(self):
+        return self._input_grad
+
+    @input_grad.setter
+    def input_grad(self, method):
+        if method not in C.INPUT_GRAD_METHODS:
+            raise ValueError(f"input_grad must be one of {C.INPUT_GRAD_METHODS}, got {method!r}")
+        self._input_grad = method
+
+    def reset_parameters(self, seed=None):
+        kh, kw = self.kernel_size
+        fan_in = self.in_channels * kh * kw
+        shape = (self.out_channels, self.in_channels, kh, kw)
+        self._init_params(init.rng(seed), shape, fan_in, self.has_bias)
+
+    def own_parameters(self):
+        return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias else [])
+
+    def config(self):
+        return {
+            "type": "Conv2d",
+            "in_channels": self.in_channels,
+            "out_channels": self.out_channels,
+            "kernel_size": list(self.kernel_size),
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "bias": self.has_bias,
+        }
+
+    def _shape_text(self):
+        return (
+            f" ({self.in_channels}->{self.out_channels}, k={self.kernel_size}, "
+            f"s={self.stride}, p={self.padding})"
+        )
+
+    def output_shape(self, input_shape):
+        n, _, h, w = input_shape
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        return (n, self.out_channels, C.output_size(h, kh, sh, ph), C.output_size(w, kw, sw, pw))
+
+    def forward(self, x):
+        self._check_input(x, 4, f"(N, {self.in_channels}, H, W)")
+        if x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{self.label}: expected {self.in_channels} input channels "
+                f"(N, {self.in_channels}, H, W), got shape {tuple(x.shape)}"
+            )
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        h, w = x.shape[2], x.shape[3]
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            raise ValueError(
+                f"{self.label}: input {h}x{w} (padded {h + 2 * ph}x{w + 2 * pw}) "
+                f"is smaller than the {kh}x{kw} kernel; got shape {tuple(x.shape)}"
+            )
+        bias = self.bias.data if self.bias else None
+        y, col = C.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+        self._cache = (col, tuple(x.shape)) if self.training else None
+        return y
+
+    def backward(self, grad_out, need_input_grad=True):
+        col, x_shape = self._pop_cache()
+        self._check_grad(grad_out, self.output_shape(x_shape))
+        dx, dw, db = C.conv2d_backward(
+            grad_out,
+            col,
+            x_shape,
+            self.weight.data,
+            self.stride,
+            self.padding,
+            input_grad=self.input_grad,
+            need_input_grad=need_input_grad,
+        )
+        self.weight.grad = dw
+        if self.bias:
+            self.bias.grad = db
+        return dx
+
+
+class Linear(Module):
+    """Fully connected ``y = x @ W.T + b`` on (N, in_features) inputs, like ``torch.nn.Linear``."""
+
+    def __init__(
+        self, in_features, out_features, *, bias=True, seed=None, dtype="float32", device="cpu"
+    ):
+        super().__init__(dtype=dtype, device=device)
+        for arg, v in (("in_features", in_features), ("out_features", out_features)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"Linear: {arg} must be a positive int, got {v!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.has_bias = bool(bias)
+        self.reset_parameters(seed)
+
+    def reset_parameters(self, seed=None):
+        shape = (self.out_features, self.in_features)
+        self._init_params(init.rng(seed), shape, self.in_features, self.has_bias)
+
+    def own_parameters(self):
+        return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias else [])
+
+    def config(self):
+        return {
+            "type": "Linear",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.has_bias,
+        }
+
+    def _shape_text(self):
+        return f" ({self.in_features}->{self.out_features})"
+
+    def forward(self, x):
+        self._check_input(x, 2, f"(N, {self.in_features})")
+        if x.shape[1] != self.in_features:
+            raise ValueError(
+                f"{self.label}: expected {self.in_features} input features "
+                f"(N, {self.in_features}), got shape {tuple(x.shape)}"
+            )
+        y = F.linear(x, self.weight.data, self.bias.data if self.bias else None)
+        self._cache = x if self.training else None
+        return y
+
+    def backward(self, grad_out, need_input_grad=True):
+        x = self._pop_cache()
+        self._check_grad(grad_out, (x.shape[0], self.out_features))
+        dx, dw, db = F.linear_backward(grad_out, x, self.weight.data, need_input_grad)
+        self.weight.grad = dw
+        if self.bias:
+            self.bias.grad = db
+        return dx
+
+
+class ReLU(Module):
+    """``max(x, 0)``; backward passes the gradient where the output was positive."""
+
+    def forward(self, x):
+        y = F.relu(x)
+        self._cache = y if self.training else None
+        return y
+
+    def backward(self, grad_out, need_input_grad=True):
+        y = self._pop_cache()
+        self._check_grad(grad_out, y.shape)
+        return F.relu_backward(grad_out, y)
+
+
+class Flatten(Module):
+    """(N, C, H, W) -> (N, C*H*W) in C-H-W order, as ``torch.nn.Flatten`` does."""
+
+    def forward(self, x):
+        if x.ndim < 2:
+            raise ValueError(
+                f"{self.label}: expected an input with a batch axis, got shape {tuple(x.shape)}"
+            )
+        self._cache = tuple(x.shape) if self.training else None
+        return array_namespace(x).reshape(x, (x.shape[0], -1))
+
+    def backward(self, grad_out, need_input_grad=True):
+        shape = self._pop_cache()
+        n_features = 1
+        for s in shape[1:]:
+            n_features *= s
+        self._check_grad(grad_out, (shape[0], n_features))
+        return array_namespace(grad_out).reshape(grad_out, shape)
+
+
+class Sequential(Module):
+    """Layers applied in order. ``Sequential(a, b, c)`` names them "0", "1", "2";
+    ``Sequential({"conv1": a, "relu1": b})`` uses the given names (as attributes too)."""
+
+    def __init__(self, *layers, dtype=None, device=None):
+        if len(layers) == 1 and isinstance(layers[0], Mapping):
+            named = list(layers[0].items())
+        else:
+            named = [(str(i), layer) for i, layer in enumerate(layers)]
+        for name, layer in named:
+            if not isinstance(layer, Module):
+                raise TypeError(f"Sequential: layer {name!r} is not a Module: {layer!r}")
+        first = named[0][1] if named else None
+        super().__init__(
+            dtype=dtype or (first.dtype if first else "float32"),
+            device=device or (first.backend if first else "cpu"),
+        )
+        self._layers = dict(named)
+        for name, layer in named:
+            layer.name = name
+        if any(m.backend != self.backend or m.dtype != self.dtype for _, m in named):
+            self.to(self.backend, self.dtype)
+
+    def children(self):
+        return list(self._layers.items())
+
+    def __getattr__(self, name):
+        layers = self.__dict__.get("_layers", {})
+        if name in layers:
+            return layers[name]
+        raise AttributeError(f"{type(self).__name__} has no attribute or layer {name!r}")
+
+    def __getitem__(self, key):
+        if isinstance(key, int):
+            return list(self._layers.values())[key]
+        return self._layers[key]
+
+    def __len__(self):
+        return len(self._layers)
+
+    def __iter__(self):
+        return iter(self._layers.values())
+
+    def config(self):
+        return {
+            "type": "Sequential",
+            "layers": [dict(name=name, **layer.config()) for name, layer in self._layers.items()],
+        }
+
+    def reset_parameters(self, seed=None):
+        """Re-initialise every layer from one seed (each layer gets its own derived seed)."""
+        for layer, child_seed in zip(self, init.child_seeds(seed, len(self)), strict=True):
+            layer.reset_parameters(child_seed)
+
+    def set_input_grad(self, method):
+        """Pick the input-gradient method of every Conv2d: ``"dilation"`` or ``"col2im"``."""
+        for m in self.modules():
+            if isinstance(m, Conv2d):
+                m.input_grad = method
+        return self
+
+    def forward(self, x):
+        for layer in self._layers.values():
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out, need_input_grad=True):
+        """Backpropagate through every layer. With ``need_input_grad=False`` the first layer
+        skips dL/dx (training never needs the gradient of the data) and None is returned."""
+        layers = list(self._layers.values())
+        for i in range(len(layers) - 1, -1, -1):
+            grad_out = layers[i].backward(grad_out, need_input_grad=need_input_grad or i > 0)
+        return grad_out
+
+    def __repr__(self):
+        inner = "\n".join(f"  ({name}): {layer!r}" for name, layer in self._layers.items())
+        return f"{type(self).__name__}(\n{inner}\n)"
+
+
+class SimpleCNN(Sequential):
+    """The seed notebook's network, for 1x28x28 images::
+
+        conv1 1->32 k2 s2 p0, ReLU   -> 32x14x14
+        conv2 32->64 k2 s2 p1, ReLU  -> 64x8x8
+        conv3 64->128 k2 s2 p0, ReLU -> 128x4x4
+        flatten (2048), fc1 2048->250, ReLU, fc2 250->num_classes logits
+
+    Parameter names match the notebook's ``torch.nn`` model, so state dicts move both ways.
+    """
+
+    def __init__(
+        self, num_classes=10, *, seed=0, dtype="float32", device="cpu", input_grad="dilation"
+    ):
+        opts = {"dtype": dtype}
+        super().__init__(
+            {
+                "conv1": Conv2d(1, 32, 2, stride=2, padding=0, input_grad=input_grad, **opts),
+                "relu1": ReLU(**opts),
+                "conv2": Conv2d(32, 64, 2, stride=2, padding=1, input_grad=input_grad, **opts),
+                "relu2": ReLU(**opts),
+                "conv3": Conv2d(64, 128, 2, stride=2, padding=0, input_grad=input_grad, **opts),
+                "relu3": ReLU(**opts),
+                "flatten": Flatten(**opts),
+                "fc1": Linear(128 * 4 * 4, 250, **opts),
+                "relu4": ReLU(**opts),
+                "fc2": Linear(250, num_classes, **opts),
+            },
+            dtype=dtype,
+        )
+        self.num_classes = num_classes
+        self.reset_parameters(seed)
+        if device != "cpu":
+            self.to(device)
+
+    def config(self):
+        return {"type": "SimpleCNN", "num_classes": self.num_classes}
+
+
+_LAYER_TYPES = {"Conv2d": Conv2d, "Linear": Linear, "ReLU": ReLU, "Flatten": Flatten}
+
+
+def build(config, *, dtype="float32", device="cpu"):
+    """Recreate a module (fresh weights) from its `Module.config` description."""
+    if not isinstance(config, Mapping) or "type" not in config:
+        raise ValueError(f"model config must be a mapping with a 'type', got {config!r}")
+    kind = config["type"]
+    args = {k: v for k, v in config.items() if k not in ("type", "name")}
+    if kind == "SimpleCNN":
+        return SimpleCNN(args.get("num_classes", 10), dtype=dtype, device=device)
+    if kind == "Sequential":
+        layers = {
+            spec.get("name", str(i)): build(spec, dtype=dtype)
+            for i, spec in enumerate(args.get("layers", []))
+        }
+        return Sequential(layers, dtype=dtype).to(device)
+    if kind not in _LAYER_TYPES:
+        raise ValueError(
+            f"unknown layer type {kind!r} in model config; known: "
+            f"{['SimpleCNN', 'Sequential', *_LAYER_TYPES]}"
+        )
+    try:
+        return _LAYER_TYPES[kind](**args, dtype=dtype, device=device)
+    except TypeError as exc:
+        raise ValueError(f"bad arguments for {kind} in model config: {exc}") from None
