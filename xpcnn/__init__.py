@@ -4,9 +4,10 @@ The same layer code runs on NumPy, CuPy, PyTorch tensors and any other Array API
 `get_backend` maps a device string ("cpu", "cuda:1", "torch:cpu", ...) to a namespace and device.
 """
 
-from . import conv, functional, nn
+from . import conv, datasets, functional, nn, optim
 from .backends import BackendUnavailable, available_backends, get_backend, register_backend
 from .nn import SimpleCNN
+from .trainer import evaluate, load_checkpoint, train
 
 __version__ = "0.1.0"
 
@@ -15,6 +16,11 @@ __all__ = [
     "SimpleCNN",
     "available_backends",
     "conv",
+    "datasets",
+    "evaluate",
+    "load_checkpoint",
+    "optim",
+    "train",
     "functional",
     "get_backend",
     "nn",

@@ -1,0 +1,95 @@
+"""Optimizers against torch.optim, step for step, on every backend."""
+
+import numpy as np
+import pytest
+
+from xpcnn import optim
+from xpcnn.nn import Parameter
+
+from conftest import assert_close
+
+CONFIGS = [
+    ("sgd", {"lr": 0.1}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9}),
+    ("sgd", {"lr": 0.05, "momentum": 0.9, "nesterov": True, "weight_decay": 1e-2}),
+    ("adam", {"lr": 1e-2}),
+    ("adam", {"lr": 3e-3, "betas": (0.8, 0.99), "eps": 1e-6, "weight_decay": 1e-2}),
+]
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=lambda v: str(v))
+def test_matches_torch_optim(backend_dtype, rng, name, kwargs):
+    torch = pytest.importorskip("torch")
+    backend, dtype = backend_dtype
+    shapes = [(3, 4), (5,)]
+    init = [rng.standard_normal(s) for s in shapes]
+    grads = [[rng.standard_normal(s) for s in shapes] for _ in range(6)]
+
+    params = [Parameter(backend.asarray(a, dtype)) for a in init]
+    opt = optim.make_optimizer(name, params, **kwargs)
+    tparams = [torch.tensor(a, dtype=getattr(torch, dtype), requires_grad=True) for a in init]
+    topt = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}[name](tparams, **kwargs)
+    for step_grads in grads:
+        for p, tp, g in zip(params, tparams, step_grads, strict=True):
+            p.grad = backend.asarray(g, dtype)
+            tp.grad = torch.tensor(g, dtype=tp.dtype)
+        opt.step()
+        topt.step()
+        for p, tp in zip(params, tparams, strict=True):
+            assert backend.owns(p.data)
+            assert_close(p.data, tp.detach().numpy(), dtype)
+    for state in opt.state:  # lazily created state lives on the parameter's device
+        for v in state.values():
+            if not isinstance(v, int | float):
+                assert backend.owns(v)
+
+
+def test_skips_parameters_without_grad():
+    p = Parameter(np.ones(3, np.float32))
+    opt = optim.SGD([p], lr=1.0, momentum=0.9)
+    opt.step()
+    np.testing.assert_array_equal(p.data, np.ones(3))
+    assert opt.state[0] == {}
+
+
+def test_state_round_trip_continues_identically(rng):
+    a, gs = rng.standard_normal(4), [rng.standard_normal(4) for _ in range(4)]
+    for name, kwargs in (("sgd", {"lr": 0.1, "momentum": 0.9}), ("adam", {"lr": 0.01})):
+        p1, p2 = Parameter(a.copy()), Parameter(a.copy())
+        o1 = optim.make_optimizer(name, [p1], **kwargs)
+        for g in gs[:2]:
+            p1.grad = g
+            o1.step()
+        config, arrays = o1.state_dict()
+        p2.data = p1.data.copy()
+        o2 = optim.make_optimizer(name, [p2], **kwargs)
+        o2.load_state_dict(config, {k: np.array(v) for k, v in arrays.items()}, np.array)
+        for g in gs[2:]:
+            p1.grad = p2.grad = g
+            o1.step()
+            o2.step()
+        np.testing.assert_array_equal(p1.data, p2.data)
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda p: optim.SGD(p, lr=-1), "lr must be >= 0"),
+        (lambda p: optim.SGD(p, lr=0.1, nesterov=True), "nesterov needs momentum"),
+        (lambda p: optim.Adam(p, betas=(0.9, 1.5)), "betas must be two numbers"),
+        (lambda p: optim.make_optimizer("rmsprop", p), "unknown optimizer 'rmsprop'"),
+        (lambda p: optim.SGD([], lr=0.1), "empty parameter list"),
+    ],
+)
+def test_bad_arguments(call, match):
+    with pytest.raises(ValueError, match=match):
+        call([Parameter(np.zeros(2))])
+
+
+def test_load_state_refuses_mismatch():
+    p = Parameter(np.zeros(2))
+    config, _ = optim.SGD([p], lr=0.1).state_dict()
+    with pytest.raises(ValueError, match="optimizer state is for SGD, not Adam"):
+        optim.Adam([p]).load_state_dict(config, {}, np.array)
+    with pytest.raises(ValueError, match="has 1 parameters, model has 2"):
+        optim.SGD([p, Parameter(np.zeros(3))], lr=0.1).load_state_dict(config, {}, np.array)

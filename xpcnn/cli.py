@@ -1,0 +1,225 @@
+"""The ``xpcnn`` command: ``train``, ``evaluate``, ``backends``.
+
+Bad arguments or data end with one line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .trainer import DEFAULT_EPOCHS, DEFAULTS, SCHEDULES
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage + error; we want one clear line
+        raise _UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+    return value
+
+
+def build_parser():
+    parser = _Parser(prog="xpcnn", description="CNNs with hand-written gradients on the Array API.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    t = sub.add_parser("train", help="train SimpleCNN (default: embedded MNIST digits, CPU)")
+    t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, torch, torch:cuda:N, ...")
+    t.add_argument(
+        "--dataset",
+        default="mnist-5k",
+        help="mnist-5k (embedded), fashion-mnist, mnist, or a directory of IDX files",
+    )
+    t.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=None,
+        help=f"total epochs (default {DEFAULT_EPOCHS})",
+    )
+    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    t.add_argument(
+        "--lr",
+        type=_non_negative_float,
+        default=None,
+        help=f"learning rate (default: {DEFAULTS['sgd']['lr']} for sgd, "
+        f"{DEFAULTS['adam']['lr']} for adam)",
+    )
+    t.add_argument(
+        "--momentum", type=_non_negative_float, default=None, help="SGD momentum (default 0.9)"
+    )
+    t.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    t.add_argument(
+        "--schedule",
+        choices=sorted(SCHEDULES),
+        default=None,
+        help="learning-rate schedule (default cosine, or the checkpoint's on --resume)",
+    )
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    t.add_argument(
+        "--input-grad",
+        choices=["dilation", "col2im"],
+        default="dilation",
+        help="how convolutions compute the input gradient",
+    )
+    t.add_argument("--checkpoint", default=None, help="save a checkpoint here after every epoch")
+    t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
+    t.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        default=None,
+        help="save loss/accuracy curves (needs matplotlib: pip install 'xpcnn[plot]')",
+    )
+    t.add_argument(
+        "--history", metavar="FILE.json", default=None, help="write the per-epoch history as JSON"
+    )
+    t.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+
+    e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint on a test set")
+    e.add_argument("checkpoint")
+    e.add_argument("--dataset", default="mnist-5k")
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--batch-size", type=_positive_int, default=1000)
+
+    sub.add_parser("backends", help="every backend, whether it works here, and why not")
+    return parser
+
+
+def _cmd_train(args):
+    from . import trainer as T
+    from .nn import SimpleCNN
+
+    if args.plot:
+        _require_matplotlib()
+    if args.resume and not args.checkpoint:
+        raise _UsageError("xpcnn train: --resume needs --checkpoint PATH")
+    model = None
+    if not args.resume:
+        from .datasets import load
+
+        data = load(args.dataset)
+        model = SimpleCNN(num_classes=data.num_classes, seed=args.seed, dtype=args.dtype)
+        args.dataset = data
+    result = T.train(
+        model,
+        device=args.device,
+        dataset=args.dataset,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        seed=args.seed,
+        checkpoint=args.checkpoint,
+        resume=args.resume,
+        progress=not args.no_progress,
+        schedule=args.schedule,
+        input_grad=args.input_grad,
+    )
+    if args.history:
+        with open(args.history, "w") as f:
+            json.dump(result.history, f, indent=1)
+    if args.plot:
+        from .plots import plot_history
+
+        plot_history(result.history, args.plot)
+        print(f"curves saved to {args.plot}")
+    if result.history:
+        last = result.history[-1]
+        print(f"final test accuracy {last['test_accuracy']:.4f} (loss {last['test_loss']:.4f})")
+    return 0
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise _UsageError("--plot needs matplotlib: pip install 'xpcnn[plot]'") from None
+
+
+def _cmd_evaluate(args):
+    from .trainer import evaluate, load_checkpoint
+
+    model, meta = load_checkpoint(args.checkpoint, device=args.device)
+    r = evaluate(model, args.dataset, batch_size=args.batch_size)
+    print(
+        f"{args.checkpoint}: epoch {meta['epoch']}, {r.count} test images of {args.dataset}: "
+        f"accuracy {r.accuracy:.4f}, loss {r.loss:.4f}"
+    )
+    return 0
+
+
+def _cmd_backends(args):
+    from .backends import available_backends
+
+    for s in available_backends():
+        mark = "yes" if s.available else "no "
+        print(f"{s.name:<20} {mark}  {s.reason}".rstrip())
+    return 0
+
+
+def main(argv=None):
+    from .backends import BackendUnavailable
+    from .checkpoint import CheckpointError
+    from .datasets import DatasetError
+    from .trainer import TrainingDiverged, TrainingInterrupted
+
+    try:
+        args = build_parser().parse_args(argv)
+        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "backends": _cmd_backends}[
+            args.command
+        ](args)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_USAGE
+    except (
+        DatasetError,
+        CheckpointError,
+        BackendUnavailable,
+        ValueError,
+        TypeError,
+        OSError,
+    ) as exc:
+        print(f"xpcnn: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except TrainingDiverged as exc:
+        print(f"xpcnn: training diverged: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except TrainingInterrupted as exc:
+        print(f"xpcnn: {exc}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except KeyboardInterrupt:
+        print("xpcnn: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
