@@ -33,7 +33,8 @@ def _digest(a):
 
 
 def save(path, arrays, meta):
-    """Write ``arrays`` (name -> NumPy array) and JSON-able ``meta`` to ``path`` atomically."""
+    """Write ``arrays`` (name -> NumPy array) and JSON-able ``meta`` to ``path`` atomically.
+    Raises TypeError for a non-numeric array (object arrays would need pickle)."""
     path = os.fspath(path)
     arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
     for k, v in arrays.items():
@@ -53,6 +54,9 @@ def save(path, arrays, meta):
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **{_META: blob}, **arrays)
             f.flush()

@@ -1,6 +1,7 @@
-"""The ``xpcnn`` command: ``train``, ``evaluate``, ``backends``.
+"""The ``xpcnn`` command: ``train``, ``evaluate``, ``backends``, ``compare``.
 
-Bad arguments or data end with one line on stderr and exit status 2, never a traceback.
+Exit status: 0 done; 2 bad arguments or data (one line on stderr, never a traceback); 1 training
+diverged; 130 interrupted by Ctrl-C (after saving a checkpoint).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def _non_negative_float(text):
 
 
 def build_parser():
+    """The argparse parser of every subcommand (its errors raise instead of exiting)."""
     parser = _Parser(prog="xpcnn", description="CNNs with hand-written gradients on the Array API.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -74,7 +76,12 @@ def build_parser():
     t.add_argument(
         "--momentum", type=_non_negative_float, default=None, help="SGD momentum (default 0.9)"
     )
-    t.add_argument("--weight-decay", type=_non_negative_float, default=0.0)
+    t.add_argument(
+        "--weight-decay",
+        type=_non_negative_float,
+        default=None,
+        help="L2 weight decay (default 0, or the checkpoint's on --resume)",
+    )
     t.add_argument(
         "--schedule",
         choices=sorted(SCHEDULES),
@@ -109,6 +116,45 @@ def build_parser():
     e.add_argument("--batch-size", type=_positive_int, default=1000)
 
     sub.add_parser("backends", help="every backend, whether it works here, and why not")
+
+    c = sub.add_parser(
+        "compare",
+        help="the same weights in PyTorch, a naive loop reference and xpcnn: agreement and speed",
+    )
+    c.add_argument(
+        "--weights",
+        default=None,
+        help=".pth/.pt/.safetensors state dict or xpcnn checkpoint (default: a fresh SimpleCNN)",
+    )
+    c.add_argument(
+        "--train-epochs",
+        type=_positive_int,
+        default=None,
+        help="train with xpcnn for this many epochs first",
+    )
+    c.add_argument("--dataset", default="mnist-5k")
+    c.add_argument("--device", default="cpu", help="where xpcnn runs (torch runs on the CPU)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--limit", type=_positive_int, default=None, help="use the first N test images")
+    c.add_argument(
+        "--threads", type=_positive_int, default=None, help="CPU threads (default: torch's)"
+    )
+    c.add_argument(
+        "--latency-images",
+        type=_positive_int,
+        default=200,
+        help="images timed one by one (torch, xpcnn)",
+    )
+    c.add_argument(
+        "--naive-images",
+        type=_positive_int,
+        default=20,
+        help="images timed one by one for the slow naive reference",
+    )
+    c.add_argument("--batch-size", type=_positive_int, default=1000, help="throughput batch")
+    c.add_argument("--repeats", type=_positive_int, default=5, help="timed runs per median")
+    c.add_argument("--grad-batch", type=_positive_int, default=64, help="training-step batch")
+    c.add_argument("--json", metavar="FILE.json", default=None, help="also write the numbers")
     return parser
 
 
@@ -186,7 +232,35 @@ def _cmd_backends(args):
     return 0
 
 
+def _cmd_compare(args):
+    try:
+        from .compare import compare, format_report
+
+        result = compare(
+            args.weights,
+            dataset=args.dataset,
+            device=args.device,
+            train_epochs=args.train_epochs,
+            seed=args.seed,
+            limit=args.limit,
+            threads=args.threads,
+            latency_images=args.latency_images,
+            naive_images=args.naive_images,
+            batch_size=args.batch_size,
+            repeats=args.repeats,
+            grad_batch=args.grad_batch,
+        )
+    except ImportError as exc:  # torch (or safetensors) missing
+        raise _UsageError(f"xpcnn compare: {exc}") from None
+    print(format_report(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
 def main(argv=None):
+    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .datasets import DatasetError
@@ -194,9 +268,12 @@ def main(argv=None):
 
     try:
         args = build_parser().parse_args(argv)
-        return {"train": _cmd_train, "evaluate": _cmd_evaluate, "backends": _cmd_backends}[
-            args.command
-        ](args)
+        return {
+            "train": _cmd_train,
+            "evaluate": _cmd_evaluate,
+            "backends": _cmd_backends,
+            "compare": _cmd_compare,
+        }[args.command](args)
     except _UsageError as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE

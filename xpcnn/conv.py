@@ -8,27 +8,28 @@ because then a row of the im2col matrix is one output pixel and the matrix produ
 ``col @ W.T`` lands directly in NHWC order. Outputs are returned as NCHW views of NHWC memory, so
 the next convolution's NHWC view is again free.
 
-Sizes, per spatial axis, with input size ``H``, kernel ``k``, stride ``s``, padding ``p``::
+Sizes, per spatial axis, with input size ``H``, kernel ``k``, stride ``s``, padding ``p``:
 
     OH = (H + 2p - k) // s + 1
 
-Forward (a correlation, like every deep-learning "convolution")::
+Forward (a correlation, like every deep-learning "convolution"):
 
     Z[n, y, x, o] = b[o] + sum_{c,i,j} Xpad[n, s*y + i, s*x + j, c] * W[o, c, i, j]
 
-im2col gathers, for every output pixel (n, y, x), the ``C*kh*kw`` input values it sees into one
-row, so the whole layer is one matrix product ``Z = col @ W.reshape(O, C*kh*kw).T``. The rows are
-built from ``kh*kw`` strided slices of the padded input, one per kernel offset (i, j).
+im2col gathers, for every output pixel (n, y, x), the ``kh*kw*C`` input values it sees into one
+row, so the whole layer is one matrix product ``Z = col @ Wmat.T`` with ``Wmat`` the weights laid
+out as ``(O, kh*kw*C)`` (`weight_matrix`). The rows are built from ``kh*kw`` strided slices of the
+padded input, one per kernel offset (i, j), each a contiguous block of C channels.
 
 Gradients, given ``G = dL/dZ``:
 
-* weight: ``dW = G.T @ col`` (each weight saw exactly the inputs in its column);
+* weight: ``dWmat = G.T @ col`` (each weight saw exactly the inputs in its column);
 * bias: ``db = G.sum over n, y, x``;
 * input, by dilation (the default): insert ``s - 1`` zeros between the elements of G, pad it by
   ``k - 1 - p`` on each side (plus the rows the stride skipped at the bottom/right), then run a
   stride-1 convolution with the kernel rotated 180 degrees and its in/out channels swapped.
   See `input_grad_dilation` for why this is exactly the transposed convolution;
-* input, by col2im (optional, fewer multiply-adds): ``dcol = G @ W2d`` then scatter-add every
+* input, by col2im (optional, fewer multiply-adds): ``dcol = G @ Wmat`` then scatter-add every
   column back to the input pixel it came from. Tested equal to the dilation path.
 """
 
@@ -41,7 +42,8 @@ INPUT_GRAD_METHODS = ("dilation", "col2im")
 
 
 def pair(v, name="value"):
-    """``3 -> (3, 3)``; ``(2, 3)`` unchanged. Refuses anything but non-negative ints."""
+    """``3 -> (3, 3)``; ``(2, 3)`` unchanged. Raises TypeError for anything but an int or a pair
+    of ints, ValueError for negative values (the message uses ``name``)."""
     t = (v, v) if isinstance(v, int) else tuple(v) if isinstance(v, tuple | list) else (v,)
     if len(t) != 2 or not all(isinstance(e, int) and not isinstance(e, bool) for e in t):
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}")
@@ -68,9 +70,8 @@ def to_nchw(x):
 def im2col(x, kernel, stride):
     """Patches of an NHWC array (already padded) as a matrix.
 
-    Returns ``col`` of shape ``(N*OH*OW, C*kh*kw)``, row ``(n, y, x)`` holding the window under
-    output pixel (y, x), its columns in ``(c, i, j)`` order so that they line up with
-    ``W.reshape(O, C*kh*kw)``; and ``(OH, OW)``.
+    Returns ``col`` of shape ``(N*OH*OW, kh*kw*C)``: row ``(n, y, x)`` holds the window under
+    output pixel (y, x), in ``(i, j, c)`` order to line up with `weight_matrix`; and ``(OH, OW)``.
     """
     xp = array_namespace(x)
     n, h, w, c = x.shape
@@ -83,8 +84,47 @@ def im2col(x, kernel, stride):
         for i in range(kh)
         for j in range(kw)
     ]
-    col = xp.stack(slices, axis=-1)  # (N, OH, OW, C, kh*kw)
-    return xp.reshape(col, (n * oh * ow, c * kh * kw)), (oh, ow)
+    col = xp.stack(slices, axis=3)  # (N, OH, OW, kh*kw, C)
+    return xp.reshape(col, (n * oh * ow, kh * kw * c)), (oh, ow)
+
+
+def weight_matrix(weight):
+    """(O, C, kh, kw) weights as the ``(O, kh*kw*C)`` matrix whose columns match `im2col`."""
+    xp = array_namespace(weight)
+    o, c, kh, kw = weight.shape
+    return xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (o, kh * kw * c))
+
+
+def weight_from_matrix(wmat, shape):
+    """Inverse of `weight_matrix`: ``(O, kh*kw*C)`` back to (O, C, kh, kw) (a view)."""
+    xp = array_namespace(wmat)
+    o, c, kh, kw = shape
+    return xp.permute_dims(xp.reshape(wmat, (o, kh, kw, c)), (0, 3, 1, 2))
+
+
+def conv_stride1(x, weight):
+    """Valid stride-1 correlation of NHWC ``x`` with (O, C, kh, kw) ``weight``, NHWC out.
+
+    Computed output-side: one matrix product multiplies every input pixel by every kernel tap,
+    ``taps[n, h, w, i, j, :] = x[n, h, w, :] @ W[:, :, i, j].T``, and output pixel (y, x) is the
+    sum over taps of ``taps[n, y + i, x + j, i, j, :]``: kh*kw shifted planes added up. This is
+    the same sum im2col would form, without materialising the ``kh*kw``-times larger patch matrix.
+    """
+    xp = array_namespace(x, weight)
+    n, h, w, c = x.shape
+    o, _, kh, kw = weight.shape
+    oh, ow = h - kh + 1, w - kw + 1
+    wcat = xp.reshape(xp.permute_dims(weight, (1, 2, 3, 0)), (c, kh * kw * o))
+    taps = xp.reshape(xp.reshape(x, (n * h * w, c)) @ wcat, (n, h, w, kh, kw, o))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            plane = taps[:, i : i + oh, j : j + ow, i, j, :]
+            if out is None:
+                out = xp.asarray(plane, copy=True)
+            else:
+                out += plane
+    return out
 
 
 def pad_hw(x, padding):
@@ -96,13 +136,18 @@ def pad_hw(x, padding):
 
 
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0):
-    """Convolution forward. Returns ``(Z, col)``: Z is NCHW, col is kept for the weight gradient."""
+    """Convolution forward of x (N, C, H, W) with weight (O, C, kh, kw) and bias (O,) or None;
+    ``stride`` and ``padding`` are ints or (h, w) pairs.
+
+    Returns ``(Z, col)``: Z is (N, O, OH, OW), col the ``(N*OH*OW, kh*kw*C)`` im2col matrix that
+    `conv2d_backward` needs for the weight gradient.
+    """
     xp = array_namespace(x, weight)
     stride, padding = pair(stride, "stride"), pair(padding, "padding")
     o, c, kh, kw = weight.shape
     n = x.shape[0]
     col, (oh, ow) = im2col(pad_hw(to_nhwc(x), padding), (kh, kw), stride)
-    z = col @ xp.matrix_transpose(xp.reshape(weight, (o, c * kh * kw)))  # (N*OH*OW, O)
+    z = col @ xp.matrix_transpose(weight_matrix(weight))  # (N*OH*OW, O)
     if bias is not None:
         z += bias
     return to_nchw(xp.reshape(z, (n, oh, ow, o))), col
@@ -157,19 +202,14 @@ def input_grad_dilation(g, weight, in_size, stride, padding):
     input channel of this one, hence the channel swap. Rows of X beyond the last window the stride
     reached get zero gradient: that is the extra "remainder" padding at the end.
     """
-    xp = array_namespace(g, weight)
     kh, kw = weight.shape[2:]
     (h, w), (ph, pw) = in_size, padding
     d = dilate_pad(g, stride, (kh - 1 - ph, kw - 1 - pw), (h + kh - 1, w + kw - 1))
-    w_rot = rotate_kernel(weight)  # (C, O, kh, kw)
-    c, o = w_rot.shape[:2]
-    col, _ = im2col(d, (kh, kw), (1, 1))  # (N*H*W, O*kh*kw)
-    dx = col @ xp.matrix_transpose(xp.reshape(w_rot, (c, o * kh * kw)))
-    return xp.reshape(dx, (g.shape[0], h, w, c))
+    return conv_stride1(d, rotate_kernel(weight))
 
 
 def input_grad_col2im(g, weight, in_size, stride, padding):
-    """dL/dX (NHWC) from G (NHWC) as ``G @ W2d`` followed by col2im (scatter-add of the patches).
+    """dL/dX (NHWC) from G (NHWC) as ``G @ Wmat`` followed by col2im (scatter-add of the patches).
 
     Same result as `input_grad_dilation`, without multiplying the inserted zeros.
     """
@@ -177,21 +217,23 @@ def input_grad_col2im(g, weight, in_size, stride, padding):
     n, oh, ow, o = g.shape
     _, c, kh, kw = weight.shape
     (h, w), (sh, sw), (ph, pw) = in_size, stride, padding
-    dcol = xp.reshape(g, (n * oh * ow, o)) @ xp.reshape(weight, (o, c * kh * kw))
-    dcol = xp.reshape(dcol, (n, oh, ow, c, kh, kw))
+    dcol = xp.reshape(g, (n * oh * ow, o)) @ weight_matrix(weight)
+    dcol = xp.reshape(dcol, (n, oh, ow, kh, kw, c))
     dx = xp.zeros((n, h + 2 * ph, w + 2 * pw, c), dtype=g.dtype, device=device(g))
     for i in range(kh):
         for j in range(kw):
             rows = slice(i, i + sh * (oh - 1) + 1, sh)
             cols = slice(j, j + sw * (ow - 1) + 1, sw)
-            dx = xpx.at(dx)[:, rows, cols, :].add(dcol[:, :, :, :, i, j])
+            dx = xpx.at(dx)[:, rows, cols, :].add(dcol[:, :, :, i, j, :])
     return dx[:, ph : ph + h, pw : pw + w, :]
 
 
 def conv2d_backward(
     g, col, x_shape, weight, stride=1, padding=0, *, input_grad="dilation", need_input_grad=True
 ):
-    """Gradients of a convolution. ``g`` is dL/dZ (NCHW), ``col`` what the forward returned.
+    """Gradients of a convolution. ``g`` is dL/dZ (NCHW), ``col`` what the forward returned,
+    ``x_shape`` the forward input's (N, C, H, W). Raises ValueError for an unknown
+    ``input_grad``.
 
     Returns ``(dx, dw, db)``: dx NCHW (None when ``need_input_grad`` is false, e.g. for the
     first layer, whose input is data), dw like ``weight``, db of shape ``(O,)``.
@@ -201,7 +243,7 @@ def conv2d_backward(
     n, o, oh, ow = g.shape
     g_nhwc = to_nhwc(g)
     g2d = xp.reshape(g_nhwc, (n * oh * ow, o))
-    dw = xp.reshape(xp.matrix_transpose(g2d) @ col, weight.shape)
+    dw = weight_from_matrix(xp.matrix_transpose(g2d) @ col, weight.shape)
     db = xp.sum(g2d, axis=0)
     if not need_input_grad:
         return None, dw, db

@@ -27,7 +27,9 @@ def linear(x, weight, bias=None):
 
 
 def linear_backward(g, x, weight, need_input_grad=True):
-    """Gradients of `linear` from g = dL/dy: ``dx = g @ W``, ``dW = g.T @ x``, ``db = sum_n g``."""
+    """Gradients of `linear` from g = dL/dy (N, out): ``dx = g @ W`` (N, in), ``dW = g.T @ x``
+    (out, in), ``db = sum_n g`` (out,). Returns ``(dx, dW, db)``; dx is None when
+    ``need_input_grad`` is false."""
     xp = array_namespace(g, x, weight)
     dw = xp.matrix_transpose(g) @ x
     db = xp.sum(g, axis=0)
@@ -36,7 +38,8 @@ def linear_backward(g, x, weight, need_input_grad=True):
 
 
 def log_softmax(logits):
-    """``z - logsumexp(z)`` per row, shifted by the row maximum so exp never overflows."""
+    """``z - logsumexp(z)`` per row of (N, K) logits, shifted by the row maximum so exp never
+    overflows."""
     xp = array_namespace(logits)
     shifted = logits - xp.max(logits, axis=1, keepdims=True)
     return shifted - xp.log(xp.sum(xp.exp(shifted), axis=1, keepdims=True))
@@ -55,7 +58,9 @@ def cross_entropy(logits, labels):
 
     ``logits`` (N, K) float, ``labels`` (N,) integers in [0, K). With p = softmax(z) and y the
     one-hot label, ``L = -mean_n log p[n, label_n]`` and ``dL/dz = (p - y) / N``.
-    Returns ``(loss, dlogits)``; loss is a 0-d array on the logits' device.
+    Returns ``(loss, dlogits)``; loss is a 0-d array on the logits' device. Labels are not
+    range-checked here (that would need a device-to-host read); `xpcnn.datasets` checks them
+    when it loads a dataset.
     """
     xp = array_namespace(logits, labels)
     n, k = logits.shape

@@ -42,6 +42,7 @@ class Parameter:
 
     @property
     def shape(self):
+        """The parameter's shape as a tuple of ints."""
         return tuple(self.data.shape)
 
     def __repr__(self):
@@ -49,7 +50,12 @@ class Parameter:
 
 
 class Module:
-    """Base class: parameter bookkeeping, ``state_dict``, device and dtype moves, train/eval."""
+    """Base class: parameter bookkeeping, ``state_dict``, device and dtype moves, train/eval.
+
+    ``dtype`` is ``"float32"`` (default) or ``"float64"``; ``device`` a device string or
+    `xpcnn.backends.Backend` (default ``"cpu"``). Subclasses implement `forward`, `backward`
+    and, if they have weights, `own_parameters`, `reset_parameters` and `config`.
+    """
 
     def __init__(self, *, dtype="float32", device="cpu"):
         self.training = True
@@ -60,9 +66,16 @@ class Module:
 
     # --- to be provided by layers -------------------------------------------------------------
     def forward(self, x):
+        """The layer's output for input ``x`` (keeps what `backward` needs in training mode)."""
         raise NotImplementedError
 
     def backward(self, grad_out, need_input_grad=True):
+        """dL/d(input) from ``grad_out`` = dL/d(output); stores each parameter's ``grad``.
+
+        Raises RuntimeError without a preceding training-mode forward, ValueError when
+        ``grad_out`` does not have the output's shape. With ``need_input_grad=False`` layers
+        may skip dL/d(input) and return None.
+        """
         raise NotImplementedError
 
     def own_parameters(self):
@@ -82,7 +95,8 @@ class Module:
 
     # --- shared machinery -----------------------------------------------------------------------
     def __call__(self, x):
-        return self.forward(x)
+        with self.backend.activate():  # CuPy: allocate on this model's GPU, not the current one
+            return self.forward(x)
 
     @property
     def label(self):
@@ -107,9 +121,11 @@ class Module:
             yield from child.named_parameters(f"{prefix}{cname}.")
 
     def parameters(self):
+        """Every `Parameter`, in `named_parameters` order."""
         return [p for _, p in self.named_parameters()]
 
     def zero_grad(self):
+        """Forget every parameter's gradient (set it to None)."""
         for p in self.parameters():
             p.grad = None
 
@@ -234,8 +250,16 @@ class Module:
 class Conv2d(Module):
     """2-D convolution (cross-correlation), NCHW, like ``torch.nn.Conv2d`` with groups=1.
 
-    ``input_grad`` picks how backward computes dL/dx: ``"dilation"`` (default; the dilated
-    gradient convolved with the rotated kernel) or ``"col2im"`` (fewer multiply-adds).
+    Input ``(N, in_channels, H, W)``, output ``(N, out_channels, OH, OW)`` with
+    ``OH = (H + 2*padding - kernel_size) // stride + 1``; weight ``(out, in, kh, kw)``, bias
+    ``(out,)``. ``kernel_size``, ``stride`` and ``padding`` are ints or (h, w) pairs. Weights
+    are drawn from ``seed`` (PyTorch's default scheme; None: fresh randomness) in ``dtype`` on
+    ``device``. ``input_grad`` picks how backward computes dL/dx: ``"dilation"`` (default; the
+    dilated gradient convolved with the rotated kernel) or ``"col2im"`` (fewer multiply-adds).
+
+    Raises ValueError for non-positive sizes or an unknown ``input_grad``; forward raises
+    ValueError for a wrong shape (not 4-D, wrong channel count, smaller than the kernel) and
+    TypeError for an input of another namespace, device or dtype.
     """
 
     def __init__(
@@ -270,6 +294,7 @@ class Conv2d(Module):
 
     @property
     def input_grad(self):
+        """``"dilation"`` or ``"col2im"``: the method backward uses for dL/dx."""
         return self._input_grad
 
     @input_grad.setter
@@ -305,6 +330,7 @@ class Conv2d(Module):
         )
 
     def output_shape(self, input_shape):
+        """The (N, O, OH, OW) output shape for an (N, C, H, W) input shape."""
         n, _, h, w = input_shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         return (n, self.out_channels, C.output_size(h, kh, sh, ph), C.output_size(w, kw, sw, pw))
@@ -348,7 +374,13 @@ class Conv2d(Module):
 
 
 class Linear(Module):
-    """Fully connected ``y = x @ W.T + b`` on (N, in_features) inputs, like ``torch.nn.Linear``."""
+    """Fully connected ``y = x @ W.T + b`` on (N, in_features) inputs, like ``torch.nn.Linear``.
+
+    Weight ``(out_features, in_features)``, bias ``(out_features,)``, drawn from ``seed`` in
+    ``dtype`` on ``device``. Raises ValueError for non-positive sizes; forward raises
+    ValueError for an input that is not ``(N, in_features)`` and TypeError for one of another
+    namespace, device or dtype.
+    """
 
     def __init__(
         self, in_features, out_features, *, bias=True, seed=None, dtype="float32", device="cpu"
@@ -415,7 +447,9 @@ class ReLU(Module):
 
 
 class Flatten(Module):
-    """(N, C, H, W) -> (N, C*H*W) in C-H-W order, as ``torch.nn.Flatten`` does."""
+    """(N, C, H, W) -> (N, C*H*W) in C-H-W order, as ``torch.nn.Flatten`` does.
+
+    Forward raises ValueError for an input without a batch axis."""
 
     def forward(self, x):
         if x.ndim < 2:
@@ -436,7 +470,11 @@ class Flatten(Module):
 
 class Sequential(Module):
     """Layers applied in order. ``Sequential(a, b, c)`` names them "0", "1", "2";
-    ``Sequential({"conv1": a, "relu1": b})`` uses the given names (as attributes too)."""
+    ``Sequential({"conv1": a, "relu1": b})`` uses the given names (as attributes too).
+
+    ``dtype``/``device`` default to the first layer's; layers that differ are moved and cast
+    to them. Raises TypeError if an entry is not a `Module`.
+    """
 
     def __init__(self, *layers, dtype=None, device=None):
         if len(layers) == 1 and isinstance(layers[0], Mapping):
@@ -496,16 +534,18 @@ class Sequential(Module):
         return self
 
     def forward(self, x):
-        for layer in self._layers.values():
-            x = layer.forward(x)
+        with self.backend.activate():
+            for layer in self._layers.values():
+                x = layer.forward(x)
         return x
 
     def backward(self, grad_out, need_input_grad=True):
         """Backpropagate through every layer. With ``need_input_grad=False`` the first layer
         skips dL/dx (training never needs the gradient of the data) and None is returned."""
         layers = list(self._layers.values())
-        for i in range(len(layers) - 1, -1, -1):
-            grad_out = layers[i].backward(grad_out, need_input_grad=need_input_grad or i > 0)
+        with self.backend.activate():
+            for i in range(len(layers) - 1, -1, -1):
+                grad_out = layers[i].backward(grad_out, need_input_grad=need_input_grad or i > 0)
         return grad_out
 
     def __repr__(self):
@@ -514,7 +554,7 @@ class Sequential(Module):
 
 
 class SimpleCNN(Sequential):
-    """The seed notebook's network, for 1x28x28 images::
+    """The seed notebook's network, for 1x28x28 images:
 
         conv1 1->32 k2 s2 p0, ReLU   -> 32x14x14
         conv2 32->64 k2 s2 p1, ReLU  -> 64x8x8
@@ -522,6 +562,9 @@ class SimpleCNN(Sequential):
         flatten (2048), fc1 2048->250, ReLU, fc2 250->num_classes logits
 
     Parameter names match the notebook's ``torch.nn`` model, so state dicts move both ways.
+    ``seed`` draws the weights (the same on every backend), ``dtype`` is ``"float32"`` or
+    ``"float64"``, ``device`` a device string, ``input_grad`` the convolutions' input-gradient
+    method (``"dilation"`` or ``"col2im"``).
     """
 
     def __init__(
@@ -556,7 +599,9 @@ _LAYER_TYPES = {"Conv2d": Conv2d, "Linear": Linear, "ReLU": ReLU, "Flatten": Fla
 
 
 def build(config, *, dtype="float32", device="cpu"):
-    """Recreate a module (fresh weights) from its `Module.config` description."""
+    """Recreate a module (fresh weights) from its `Module.config` description.
+
+    Raises ValueError for an unknown layer type or bad arguments."""
     if not isinstance(config, Mapping) or "type" not in config:
         raise ValueError(f"model config must be a mapping with a 'type', got {config!r}")
     kind = config["type"]

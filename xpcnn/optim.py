@@ -17,7 +17,9 @@ __all__ = ["SGD", "Adam", "Optimizer", "make_optimizer"]
 
 class Optimizer:
     """Holds the parameters (objects with ``data`` and ``grad``), per-parameter state and hyper-
-    parameters. Subclasses implement `_update` for one parameter."""
+    parameters. Subclasses implement `_update` for one parameter.
+
+    Raises ValueError for an empty parameter list or a negative hyper-parameter."""
 
     defaults: dict = {}
 
@@ -40,6 +42,7 @@ class Optimizer:
         raise AttributeError(name)
 
     def zero_grad(self):
+        """Forget every parameter's gradient (set it to None)."""
         for p in self.params:
             p.grad = None
 
@@ -95,12 +98,14 @@ def _jsonable(hyper):
 
 
 class SGD(Optimizer):
-    """Stochastic gradient descent, as ``torch.optim.SGD`` (dampening 0)::
+    """Stochastic gradient descent, as ``torch.optim.SGD`` (dampening 0):
 
-    g = grad + weight_decay * p
-    buf = g (first step) or momentum * buf + g
-    g = g + momentum * buf (nesterov) or buf
-    p = p - lr * g
+        g = grad + weight_decay * p
+        buf = g (first step) or momentum * buf + g
+        g = g + momentum * buf (nesterov) or buf
+        p = p - lr * g
+
+    Raises ValueError for negative values or ``nesterov`` without momentum.
     """
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
@@ -127,10 +132,12 @@ class SGD(Optimizer):
 
 
 class Adam(Optimizer):
-    """Adam, as ``torch.optim.Adam`` (L2 weight decay added to the gradient, no amsgrad)::
+    """Adam, as ``torch.optim.Adam`` (L2 weight decay added to the gradient, no amsgrad):
 
-    m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
-    p = p - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+        m = b1 * m + (1 - b1) * g;  v = b2 * v + (1 - b2) * g**2
+        p = p - lr / (1 - b1**t) * m / (sqrt(v) / sqrt(1 - b2**t) + eps)
+
+    Raises ValueError for negative values or betas outside [0, 1).
     """
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -164,7 +171,7 @@ OPTIMIZERS = {"sgd": SGD, "adam": Adam}
 
 def make_optimizer(name, params, **kwargs):
     """``make_optimizer("sgd", model.parameters(), lr=0.05, momentum=0.9)``; None values are
-    left at the optimizer's defaults."""
+    left at the optimizer's defaults. Raises ValueError for an unknown name."""
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; choose one of {sorted(OPTIMIZERS)}")
     return OPTIMIZERS[name](params, **{k: v for k, v in kwargs.items() if v is not None})

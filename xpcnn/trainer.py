@@ -65,6 +65,8 @@ class TrainResult:
 
 @dataclass
 class EvalResult:
+    """What `evaluate` returns: mean cross-entropy, accuracy in [0, 1], number of images."""
+
     loss: float
     accuracy: float
     count: int
@@ -77,6 +79,7 @@ class HostSync:
         self.count = 0
 
     def read(self, *arrays):
+        """Python floats of 0-d device arrays, in one counted read-back."""
         self.count += 1
         return [float(a) for a in arrays]
 
@@ -102,6 +105,7 @@ class DeviceData:
         return x, xp.take(self.labels, index, axis=0)
 
     def slice(self, start, stop, dtype):
+        """Images ``start:stop`` scaled to [0, 1] in ``dtype``, and their labels."""
         xp = self.backend.xp
         x = xp.astype(self.images[start:stop, ...], self.backend.dtype(dtype)) / 255.0
         return x, self.labels[start:stop]
@@ -134,6 +138,8 @@ def evaluate(model, dataset="mnist-5k", device=None, batch_size=1000):
     """Loss and accuracy of ``model`` on the test split of ``dataset`` (name, path or Dataset).
 
     Runs on ``device`` if given (the model is moved there), else on the model's own backend.
+    Returns an `EvalResult`. Raises `xpcnn.datasets.DatasetError` for a missing or corrupt
+    dataset and `xpcnn.backends.BackendUnavailable` for an unusable device.
     """
     if device is not None:
         model.to(device)
@@ -193,7 +199,8 @@ def _save(path, model, optimizer, meta):
 
 def load_checkpoint(path, device="cpu"):
     """Rebuild the model stored in a checkpoint, with its weights, on ``device``.
-    Returns ``(model, meta)``."""
+    Returns ``(model, meta)``; raises `xpcnn.checkpoint.CheckpointError` for a file that is
+    missing, corrupt, or whose weights do not fit its architecture."""
     arrays, meta = ckpt.load(path)
     try:
         model = nn.build(meta["model"], dtype=meta["dtype"], device=device)
@@ -233,8 +240,14 @@ def train(
     With ``checkpoint`` set, a checkpoint is written atomically after every epoch; with
     ``resume=True`` training continues from it, exactly where it stopped (mid-epoch after a
     Ctrl-C), and ends with the weights an uninterrupted run would have.
-    Raises `TrainingDiverged` on a non-finite loss (the last checkpoint stays intact) and
-    `TrainingInterrupted` after saving a checkpoint on Ctrl-C.
+    ``seed`` draws the initial weights (when ``model`` is None) and the shuffle order;
+    ``progress`` shows a tqdm bar per epoch (False: one plain line per epoch); ``input_grad``
+    overrides the convolutions' input-gradient method; ``eval_batch_size`` bounds the memory of
+    the per-epoch test evaluation.
+    Raises `TrainingDiverged` on a non-finite loss (the last checkpoint stays intact),
+    `TrainingInterrupted` after saving a checkpoint on Ctrl-C, ValueError for bad arguments,
+    `xpcnn.checkpoint.CheckpointError`, `xpcnn.datasets.DatasetError` and
+    `xpcnn.backends.BackendUnavailable` for unusable checkpoints, data or devices.
     """
     epochs = DEFAULT_EPOCHS if epochs is None else epochs
     for name, value in (

@@ -73,6 +73,7 @@ def register_backend(family, factory, *, listed=None):
     ``factory(argument)`` receives what follows ``family:`` in the device string (or None) and
     returns a `Backend`, raising `BackendUnavailable` with the reason when it cannot.
     ``listed`` are the device strings `available_backends` should report (default: the family).
+    Raises ValueError for an empty family name or one containing ':'.
     """
     if not family or ":" in family:
         raise ValueError(f"backend family must be a non-empty name without ':', got {family!r}")
@@ -171,7 +172,8 @@ def available_backends():
 
 
 def backend_of(x):
-    """The registered backend that owns array ``x`` (its namespace and device)."""
+    """The registered backend that owns array ``x`` (its namespace and device). Raises
+    ValueError when no backend does, TypeError when ``x`` is not an array."""
     from array_api_compat import array_namespace, device
 
     xp, dev = array_namespace(x), device(x)
@@ -201,7 +203,8 @@ def _guess_specs(xp, dev):
 
 
 def to_numpy(x):
-    """A NumPy copy of any supported array (NumPy, CuPy, torch, array-api-strict, ...)."""
+    """A NumPy copy of any supported array (NumPy, CuPy, torch, array-api-strict, ...). Raises
+    ValueError for an array no backend owns, TypeError for a non-array."""
     import numpy as np
 
     if isinstance(x, np.ndarray | np.generic):

@@ -12,6 +12,8 @@ INSTALL_HINT = "pip install 'xpcnn[cuda12]' (CUDA 12) or 'xpcnn[cuda13]' (CUDA 1
 
 
 class CupyBackend(Backend):
+    """CuPy arrays on CUDA device ``index``."""
+
     family = "cuda"
 
     def __init__(self, name, xp, device, index):
@@ -65,6 +67,8 @@ def probe(index):
 
 
 def make(arg):
+    """A CuPy backend on GPU ``arg`` (default 0); raises BackendUnavailable with the
+    probe's reason, ValueError for a malformed index."""
     arg = arg or "0"
     if not arg.isdigit():
         raise ValueError(f"unknown CUDA device {arg!r}; valid: 'cuda', 'cuda:N' with N an integer")

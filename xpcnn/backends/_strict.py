@@ -13,6 +13,8 @@ DEVICES = ("cpu", "device1", "device2", "no_float64")
 
 
 class StrictBackend(Backend):
+    """array-api-strict arrays on one of its (simulated) devices."""
+
     family = "strict"
 
     def to_host(self, x):
@@ -20,6 +22,7 @@ class StrictBackend(Backend):
 
 
 def make(arg):
+    """An array-api-strict backend on ``arg`` (one of `DEVICES`; default ``"cpu"``)."""
     arg = arg or "cpu"
     if arg not in DEVICES:
         raise ValueError(f"unknown array-api-strict device {arg!r}; valid: {', '.join(DEVICES)}")

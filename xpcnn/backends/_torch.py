@@ -4,6 +4,8 @@ from .base import Backend, BackendUnavailable
 
 
 class TorchBackend(Backend):
+    """torch tensors on the CPU or one CUDA device, run by xpcnn's layers."""
+
     family = "torch"
 
     def to_host(self, x):
@@ -17,6 +19,8 @@ class TorchBackend(Backend):
 
 
 def make(arg):
+    """A torch backend for ``arg`` = ``"cpu"``, ``"cuda"`` or ``"cuda:N"``; raises
+    BackendUnavailable (torch missing, no such GPU) or ValueError (malformed)."""
     arg = arg or "cpu"
     if arg == "cuda":
         arg = "cuda:0"

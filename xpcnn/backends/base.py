@@ -20,7 +20,9 @@ class Backend:
     """A namespace and a device, with host transfers and synchronisation.
 
     Subclasses override `to_host`, `synchronize` and `activate` where their library needs it;
-    everything else is plain Array API.
+    everything else is plain Array API. ``name`` is the canonical device string, ``xp`` the
+    array-api-compat namespace, ``device`` the namespace's device object; ``family`` (a class
+    attribute) is the registry family it belongs to.
     """
 
     family = "base"
@@ -49,7 +51,8 @@ class Backend:
             raise TypeError(f"unknown dtype {name!r} for backend {self.name}") from None
 
     def asarray(self, host, dtype=None):
-        """Copy a host (NumPy) array, or any array with DLPack, onto this backend's device."""
+        """Copy a host array (NumPy, or anything ``numpy.asarray`` accepts) onto this backend's
+        device, cast to ``dtype`` (a name such as ``"float32"``) when given."""
         host = np.asarray(host)
         dt = self.dtype(dtype) if dtype is not None else None
         with self.activate():
