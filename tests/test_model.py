@@ -249,3 +249,33 @@ def test_layer_modules_do_not_import_numpy():
                 assert not any(a.name.split(".")[0] == "numpy" for a in node.names), name
             if isinstance(node, ast.ImportFrom):
                 assert (node.module or "").split(".")[0] != "numpy", name
+
+
+@pytest.mark.gpu
+def test_tf32_stays_within_the_gpu_tolerance(rng):
+    """With TF32 matrix products switched on, the float32 network on torch CUDA still meets the
+    GPU tolerance against a float64 reference: the tests hold with and without TF32."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    from xpcnn.backends import get_backend
+
+    backend = get_backend("torch:cuda:0")
+    ref = xpcnn.SimpleCNN(seed=4, dtype="float64")
+    model = xpcnn.SimpleCNN(seed=4, device=backend.name)
+    x = rng.random((16, 1, 28, 28))
+    t = rng.integers(0, 10, 16)
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        logits = model(backend.asarray(x, "float32"))
+        _, g = F.cross_entropy(logits, backend.asarray(t, "int64"))
+        model.backward(g)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+    ref_logits = ref(x)
+    _, ref_g = F.cross_entropy(ref_logits, t)
+    ref.backward(ref_g)
+    assert_close(logits, ref_logits, "float32", "logits, TF32")
+    for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
+        assert_close(p.grad, rp.grad, "float32", f"{name} grad, TF32")

@@ -4,17 +4,25 @@ its hand-written gradient. Pure Array API; the convolution lives in `xpcnn.conv`
 
 from __future__ import annotations
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
+
+from ._namespace import array_namespace
 
 
 def relu(x):
     """``max(x, 0)`` elementwise."""
-    return array_namespace(x).clip(x, min=0.0)
+    xp = array_namespace(x)
+    return xp.maximum(x, xp.asarray(0.0, dtype=x.dtype, device=device(x)))
 
 
 def relu_backward(g, y):
-    """dL/dx of ReLU from dL/dy and the forward *output* y: g where y > 0, else 0."""
-    return array_namespace(g, y).where(y > 0, g, 0.0)
+    """dL/dx of ReLU from dL/dy and the forward *output* y: g where y > 0, else 0.
+
+    Written as ``g * (y > 0)`` with the mask cast to g's dtype: on NumPy and torch this
+    multiply is several times faster than ``where``.
+    """
+    xp = array_namespace(g, y)
+    return g * xp.astype(y > 0, g.dtype)
 
 
 def linear(x, weight, bias=None):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from array_api_compat import array_namespace, device
+from array_api_compat import device
 
 from . import conv as C
 from . import functional as F
 from . import init
+from ._namespace import array_namespace
 from .backends import get_backend, to_numpy
 
 __all__ = ["Conv2d", "Flatten", "Linear", "Module", "Parameter", "ReLU", "Sequential", "build"]
@@ -63,6 +64,7 @@ class Module:
         self.dtype = _check_dtype(dtype)
         self.backend = get_backend(device)
         self._cache = None
+        self._buffers = {}  # scratch arrays reused from step to step (see xpcnn.conv)
 
     # --- to be provided by layers -------------------------------------------------------------
     def forward(self, x):
@@ -190,7 +192,7 @@ class Module:
             p.data = backend.asarray(to_numpy(p.data), dtype)
             p.grad = None
         for m in self.modules():
-            m.backend, m.dtype, m._cache = backend, dtype, None
+            m.backend, m.dtype, m._cache, m._buffers = backend, dtype, None, {}
         return self
 
     # --- helpers for layers ---------------------------------------------------------------------
@@ -350,7 +352,9 @@ class Conv2d(Module):
                 f"is smaller than the {kh}x{kw} kernel; got shape {tuple(x.shape)}"
             )
         bias = self.bias.data if self.bias else None
-        y, col = C.conv2d_forward(x, self.weight.data, bias, self.stride, self.padding)
+        y, col = C.conv2d_forward(
+            x, self.weight.data, bias, self.stride, self.padding, self._buffers
+        )
         self._cache = (col, tuple(x.shape)) if self.training else None
         return y
 
@@ -366,6 +370,7 @@ class Conv2d(Module):
             self.padding,
             input_grad=self.input_grad,
             need_input_grad=need_input_grad,
+            buffers=self._buffers,
         )
         self.weight.grad = dw
         if self.bias:
@@ -533,10 +538,26 @@ class Sequential(Module):
                 m.input_grad = method
         return self
 
+    #: In eval mode, batches larger than this run through the layers in chunks of this many
+    #: samples: the intermediate arrays then stay in cache, and peak memory no longer grows
+    #: with the batch. Training needs the whole batch at once, so it never chunks.
+    eval_chunk = 128
+
     def forward(self, x):
+        """Run every layer in order (in eval mode, `eval_chunk` samples at a time)."""
         with self.backend.activate():
-            for layer in self._layers.values():
-                x = layer.forward(x)
+            n = x.shape[0] if hasattr(x, "shape") and x.ndim else 0
+            if self.training or n <= self.eval_chunk:
+                return self._forward_all(x)
+            parts = [
+                self._forward_all(x[i : min(i + self.eval_chunk, n), ...])
+                for i in range(0, n, self.eval_chunk)
+            ]
+            return array_namespace(parts[0]).concat(parts, axis=0)
+
+    def _forward_all(self, x):
+        for layer in self._layers.values():
+            x = layer.forward(x)
         return x
 
     def backward(self, grad_out, need_input_grad=True):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from array_api_compat import array_namespace
+from ._namespace import array_namespace
 
 __all__ = ["SGD", "Adam", "Optimizer", "make_optimizer"]
 
