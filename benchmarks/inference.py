@@ -8,7 +8,7 @@ torch). Each round times a block of calls of one library, then a block of the ot
 pool that went to sleep is woken once per block rather than on every call; the report gives
 medians over rounds and the ratio of the medians. Peak memory: NumPy's allocations traced with
 tracemalloc while xpcnn classifies 10000 images in one call (eval mode processes them
-`Sequential.eval_chunk` at a time).
+the CPU backend's `eval_chunk`, 128, at a time).
 """
 
 import sys
@@ -115,8 +115,8 @@ def main():
     report["peak_bytes_10000"] = peak
     print(
         f"peak NumPy memory classifying 10000 images in one call: {peak / 2**20:.1f} MiB "
-        f"(eval_chunk={model.eval_chunk}; the input alone is {ten_thousand.nbytes / 2**20:.1f}"
-        " MiB)"
+        f"(eval_chunk={model.backend.eval_chunk}; "
+        f"the input alone is {ten_thousand.nbytes / 2**20:.1f} MiB)"
     )
     if args.json:
         with open(args.json, "w") as f:

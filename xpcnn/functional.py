@@ -8,11 +8,22 @@ from array_api_compat import device
 
 from ._namespace import array_namespace
 
+_zeros = {}
+
+
+def _zero(xp, dtype, dev):
+    """A 0-d zero of ``dtype`` on ``dev``, made once: creating it from a Python float on every
+    call would be a host-to-device copy, which stalls a GPU at every ReLU."""
+    key = (xp.__name__, str(dtype), str(dev))
+    if key not in _zeros:
+        _zeros[key] = xp.zeros((), dtype=dtype, device=dev)
+    return _zeros[key]
+
 
 def relu(x):
     """``max(x, 0)`` elementwise."""
     xp = array_namespace(x)
-    return xp.maximum(x, xp.asarray(0.0, dtype=x.dtype, device=device(x)))
+    return xp.maximum(x, _zero(xp, x.dtype, device(x)))
 
 
 def relu_backward(g, y):

@@ -539,20 +539,19 @@ class Sequential(Module):
         return self
 
     #: In eval mode, batches larger than this run through the layers in chunks of this many
-    #: samples: the intermediate arrays then stay in cache, and peak memory no longer grows
-    #: with the batch. Training needs the whole batch at once, so it never chunks.
-    eval_chunk = 128
+    #: samples: on a CPU the intermediate arrays then stay in cache, and peak memory no longer
+    #: grows with the batch. None (the default) takes the backend's `Backend.eval_chunk`
+    #: (small on CPUs, large on GPUs, which want big batches). Training never chunks.
+    eval_chunk = None
 
     def forward(self, x):
         """Run every layer in order (in eval mode, `eval_chunk` samples at a time)."""
         with self.backend.activate():
             n = x.shape[0] if hasattr(x, "shape") and x.ndim else 0
-            if self.training or n <= self.eval_chunk:
+            chunk = self.eval_chunk or self.backend.eval_chunk
+            if self.training or n <= chunk:
                 return self._forward_all(x)
-            parts = [
-                self._forward_all(x[i : min(i + self.eval_chunk, n), ...])
-                for i in range(0, n, self.eval_chunk)
-            ]
+            parts = [self._forward_all(x[i : min(i + chunk, n), ...]) for i in range(0, n, chunk)]
             return array_namespace(parts[0]).concat(parts, axis=0)
 
     def _forward_all(self, x):

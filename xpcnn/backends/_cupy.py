@@ -15,6 +15,7 @@ class CupyBackend(Backend):
     """CuPy arrays on CUDA device ``index``."""
 
     family = "cuda"
+    eval_chunk = 16384  # a GPU wants large batches; this only bounds memory
 
     def __init__(self, name, xp, device, index):
         super().__init__(name, xp, device)

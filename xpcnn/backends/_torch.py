@@ -8,6 +8,10 @@ class TorchBackend(Backend):
 
     family = "torch"
 
+    @property
+    def eval_chunk(self):
+        return 16384 if self.device.type == "cuda" else 128
+
     def to_host(self, x):
         return x.detach().cpu().numpy()
 

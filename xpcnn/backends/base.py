@@ -29,6 +29,9 @@ class Backend:
     """
 
     family = "base"
+    #: Samples per chunk when a model in eval mode gets a larger batch (see
+    #: `xpcnn.nn.Sequential.eval_chunk`): 128 keeps a CPU's working set in cache.
+    eval_chunk = 128
 
     def __init__(self, name, xp, device):
         self.name = name  # canonical device string, e.g. "cuda:0"
