@@ -40,8 +40,10 @@ def gemms(batch, method):
         out.append((f"{name} weight grad", o, rows, k * k * c))
         if name == "conv1":
             continue  # the input gradient of the first layer is never needed
-        if method == "dilation":  # taps = D @ Wcat over the dilated, padded gradient
-            out.append((f"{name} input grad", batch * (h + k - 1) * (w + k - 1), o, k * k * c))
+        if method == "dilation":  # one product per kernel tap over the dilated, padded gradient
+            for tap in range(k * k):
+                rows_d = batch * (h + k - 1) * (w + k - 1)
+                out.append((f"{name} input grad tap {tap}", rows_d, o, c))
         else:  # dcol = G @ Wmat
             out.append((f"{name} input grad", rows, o, k * k * c))
     for name, i, o in LINEARS:

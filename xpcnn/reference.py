@@ -65,6 +65,7 @@ def conv2d(x, weight, bias, stride, padding):
 
 
 def relu(x):
+    """``max(x, 0)`` elementwise."""
     return np.maximum(x, 0.0)
 
 

@@ -17,12 +17,12 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
-from array_api_compat import array_namespace
 
 from . import checkpoint as ckpt
 from . import datasets as ds
 from . import nn
-from .backends import get_backend
+from ._namespace import array_namespace
+from .backends import get_backend, to_numpy
 from .functional import cross_entropy
 from .optim import make_optimizer
 
@@ -79,9 +79,12 @@ class HostSync:
         self.count = 0
 
     def read(self, *arrays):
-        """Python floats of 0-d device arrays, in one counted read-back."""
+        """Python floats of 0-d device arrays (the first one's dtype), stacked on the device
+        and copied back in one counted transfer: one synchronisation, not one per value."""
         self.count += 1
-        return [float(a) for a in arrays]
+        xp = array_namespace(arrays[0])
+        packed = xp.stack([xp.astype(a, arrays[0].dtype) for a in arrays])
+        return [float(v) for v in to_numpy(packed)]
 
 
 def _dataset(dataset):
@@ -118,6 +121,8 @@ def _accuracy_sum(logits, labels):
 
 def _evaluate_on(model, data, batch_size, sync):
     """Mean loss and accuracy of ``model`` over ``data`` in chunks (bounded memory)."""
+    if data.count == 0:
+        raise ValueError("the test set is empty: nothing to evaluate")
     was_training = model.training
     model.eval()
     loss_sum = correct = 0.0
