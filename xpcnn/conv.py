@@ -158,7 +158,8 @@ def pad_hw(x, padding, out=None):
 def conv2d_forward(x, weight, bias=None, stride=1, padding=0, buffers=None):
     """Convolution forward of x (N, C, H, W) with weight (O, C, kh, kw) and bias (O,) or None;
     ``stride`` and ``padding`` are ints or (h, w) pairs. ``buffers``, a dict the caller keeps
-    between calls (layers do), lets the padded input's array be reused from call to call.
+    between calls (each layer keeps its own), lets the padded input's array be reused from call
+    to call; never share one dict between convolutions of different padding.
 
     Returns ``(Z, col)``: Z is (N, O, OH, OW), col the ``(N*OH*OW, kh*kw*C)`` im2col matrix that
     `conv2d_backward` needs for the weight gradient.
@@ -168,8 +169,10 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, buffers=None):
     o, c, kh, kw = weight.shape
     n = x.shape[0]
     buffers = {} if buffers is None else buffers
-    buffers["pad"] = pad_hw(to_nhwc(x), padding, buffers.get("pad"))
-    col, (oh, ow) = im2col(buffers["pad"], (kh, kw), stride)
+    xpad = pad_hw(to_nhwc(x), padding, buffers.get("pad"))
+    if padding != (0, 0):
+        buffers["pad"] = xpad
+    col, (oh, ow) = im2col(xpad, (kh, kw), stride)
     z = col @ xp.matrix_transpose(weight_matrix(weight))  # (N*OH*OW, O)
     if bias is not None:
         z += bias

@@ -14,7 +14,7 @@ _zeros = {}
 def _zero(xp, dtype, dev):
     """A 0-d zero of ``dtype`` on ``dev``, made once: creating it from a Python float on every
     call would be a host-to-device copy, which stalls a GPU at every ReLU."""
-    key = (xp.__name__, dtype, dev)
+    key = (xp.__name__, str(dtype), str(dev))  # CuPy devices are not hashable
     zero = _zeros.get(key)
     if zero is None:
         zero = _zeros[key] = xp.zeros((), dtype=dtype, device=dev)

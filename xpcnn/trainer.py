@@ -28,7 +28,7 @@ from .optim import make_optimizer
 
 __all__ = ["TrainResult", "TrainingDiverged", "TrainingInterrupted", "evaluate", "train"]
 
-DEFAULTS = {  # chosen by runs recorded in docs/training.md
+DEFAULTS = {  # chosen with benchmarks/sweep_defaults.py (results in docs/training.md)
     "sgd": {"lr": 0.1, "momentum": 0.9},
     "adam": {"lr": 1e-3},
 }

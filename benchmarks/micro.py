@@ -1,0 +1,236 @@
+"""The single-operation measurements behind docs/performance.md's "What was tried" table.
+
+    python benchmarks/micro.py --threads 2
+
+Each line times xpcnn's current way of doing one thing against the alternative it replaced (the
+alternatives are written out here, since they are no longer in the package), on SimpleCNN's
+shapes at batch 128: calls of the two alternate, so a slow spell of this shared machine hits
+both, and each figure is the median of its calls.
+"""
+
+import sys
+
+from common import machine, median, pin_threads
+
+THREADS = pin_threads()
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import time  # noqa: E402
+
+import array_api_compat  # noqa: E402
+import array_api_compat.numpy as xp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import xpcnn  # noqa: E402
+from xpcnn import conv  # noqa: E402
+from xpcnn import functional as F  # noqa: E402
+from xpcnn._namespace import array_namespace  # noqa: E402
+
+rng = np.random.default_rng(0)
+
+
+def ms2(new, old, repeats=30):
+    """Median milliseconds of ``new`` and ``old``, their calls alternating."""
+    new(), old()
+    times = ([], [])
+    for _ in range(repeats):
+        for fn, t in zip((new, old), times, strict=True):
+            t0 = time.perf_counter()
+            fn()
+            t.append(time.perf_counter() - t0)
+    return median(times[0]) * 1e3, median(times[1]) * 1e3
+
+
+def nhwc_view(shape_nhwc):
+    """An NCHW view of NHWC memory, as xpcnn's layers pass activations."""
+    return np.transpose(rng.standard_normal(shape_nhwc, dtype=np.float32), (0, 3, 1, 2))
+
+
+def show(what, new, old, unit="ms", repeats=30, scale=1.0):
+    t_new, t_old = ms2(new, old, repeats)
+    t_new, t_old = t_new * scale, t_old * scale
+    print(f"{what:<62}{t_new:>9.3f}{t_old:>9.3f} {unit}   ({t_old / t_new:.1f}x)")
+
+
+def relu():
+    z, g = nhwc_view((128, 14, 14, 32)), nhwc_view((128, 14, 14, 32))
+    y = F.relu(z)
+    show(
+        "ReLU forward: maximum(x, 0) | clip(x, min=0)",
+        lambda: F.relu(z),
+        lambda: xp.clip(z, min=0.0),
+    )
+    show(
+        "ReLU backward: g * astype(y > 0) | where(y > 0, g, 0)",
+        lambda: F.relu_backward(g, y),
+        lambda: xp.where(y > 0, g, 0.0),
+    )
+
+
+def im2col_order():
+    x = rng.random((128, 16, 16, 32), dtype=np.float32)  # conv2's padded input
+    w = rng.random((64, 32, 2, 2), dtype=np.float32)
+
+    def cij():
+        s = [x[:, i : i + 15 : 2, j : j + 15 : 2, :] for i in range(2) for j in range(2)]
+        return np.stack(s, axis=-1).reshape(8192, 128) @ w.reshape(64, 128).T
+
+    def ijc():
+        col, _ = conv.im2col(x, (2, 2), (2, 2))
+        return col @ conv.weight_matrix(w).T
+
+    show("conv2 forward product: (i, j, c) columns | (c, i, j)", ijc, cij)
+
+
+def stride1_conv():
+    shapes = {"conv2": (128, 15, 64, 32), "conv3": (128, 9, 128, 64)}
+    for name, (n, hp, cin, cout) in shapes.items():
+        d = np.zeros((n, hp, hp, cin), np.float32)
+        d[:, ::2, ::2, :] = rng.random((n, (hp + 1) // 2, (hp + 1) // 2, cin), dtype=np.float32)
+        w = rng.random((cout, cin, 2, 2), dtype=np.float32)
+        stride1_alternatives(name, d, w)
+
+
+def stride1_alternatives(name, d, w):
+    n, hp, _, cin = d.shape
+    cout, oh = w.shape[0], hp - 1
+
+    def all_taps():
+        wcat = np.transpose(w, (1, 2, 3, 0)).reshape(cin, 4 * cout)
+        taps = (d.reshape(-1, cin) @ wcat).reshape(n, hp, hp, 2, 2, cout)
+        out = taps[:, :oh, :oh, 0, 0, :].copy()
+        out += taps[:, :oh, 1:, 0, 1, :]
+        out += taps[:, 1:, :oh, 1, 0, :]
+        out += taps[:, 1:, 1:, 1, 1, :]
+        return out
+
+    def im2col_then_product():
+        col, _ = conv.im2col(d, (2, 2), (1, 1))
+        return col @ conv.weight_matrix(w).T
+
+    def per_tap():
+        return conv.conv_stride1(d, w)
+
+    show(f"{name} dilated-gradient convolution: per tap | im2col", per_tap, im2col_then_product)
+    show(f"{name} dilated-gradient convolution: per tap | all taps at once", per_tap, all_taps)
+
+
+def col2im():
+    cols = rng.random((128, 8, 8, 2, 2, 32), dtype=np.float32)  # conv2's input gradient
+
+    def strided_adds():
+        out = np.zeros((128, 16, 16, 32), np.float32)
+        for i in range(2):
+            for j in range(2):
+                out[:, i : i + 15 : 2, j : j + 15 : 2, :] += cols[:, :, :, i, j, :]
+        return out
+
+    show(
+        "conv2 col2im: permutation | strided additions",
+        lambda: conv.col2im(cols, (16, 16), (2, 2)),
+        strided_adds,
+    )
+
+
+def namespace_lookup():
+    a = np.ones(3, np.float32)
+    show(
+        "array_namespace: memo per type | array-api-compat (per call)",
+        lambda: [array_namespace(a) for _ in range(1000)],
+        lambda: [array_api_compat.array_namespace(a) for _ in range(1000)],
+        "us",
+        scale=1.0,
+    )
+
+
+def eval_chunks():
+    chunked, whole = xpcnn.SimpleCNN().eval(), xpcnn.SimpleCNN().eval()
+    whole.eval_chunk = 1000
+    x = rng.random((1000, 1, 28, 28), dtype=np.float32)
+    show(
+        "inference, 1000 images: chunks of 128 | one batch",
+        lambda: chunked(x),
+        lambda: whole(x),
+        repeats=10,
+    )
+
+
+def batch1_floor():
+    """xpcnn's forward at batch 1 against the same arithmetic as bare NumPy calls."""
+    model = xpcnn.SimpleCNN().eval()
+    sd = model.state_dict()
+    wm = {c: conv.weight_matrix(sd[c + ".weight"]) for c in ("conv1", "conv2", "conv3")}
+    x = rng.random((1, 1, 28, 28), dtype=np.float32)
+
+    def layer(h, name, p):
+        if p:
+            h = np.pad(h, ((0, 0), (p, p), (p, p), (0, 0)))
+        n, size = h.shape[0], (h.shape[1] - 2) // 2 + 1
+        s = [
+            h[:, i : i + 2 * size - 1 : 2, j : j + 2 * size - 1 : 2, :]
+            for i in range(2)
+            for j in range(2)
+        ]
+        z = np.stack(s, axis=3).reshape(n * size * size, -1) @ wm[name].T + sd[name + ".bias"]
+        return np.maximum(z, 0).reshape(n, size, size, -1)
+
+    def plain():
+        h = layer(layer(layer(x.transpose(0, 2, 3, 1), "conv1", 0), "conv2", 1), "conv3", 0)
+        h = h.transpose(0, 3, 1, 2).reshape(1, -1)
+        h = np.maximum(h @ sd["fc1.weight"].T + sd["fc1.bias"], 0)
+        return h @ sd["fc2.weight"].T + sd["fc2.bias"]
+
+    assert np.allclose(plain(), model(x), atol=1e-5)
+    show(
+        "batch-1 forward: xpcnn | the same as bare NumPy calls",
+        lambda: model(x),
+        plain,
+        "us",
+        repeats=300,
+        scale=1e3,
+    )
+
+
+def page_faults():
+    """Run first, in a fresh process: later measurements leave a grown heap behind."""
+    x = rng.random((128, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 128)
+    for method in ("dilation", "col2im"):
+        model = xpcnn.SimpleCNN(input_grad=method)
+
+        def step(model=model):
+            loss, g = F.cross_entropy(model(x), y)
+            model.backward(g, need_input_grad=False)
+
+        for _ in range(5):
+            step()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(20):
+            step()
+        faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20
+        print(f"{'page faults per training step (' + method + ')':<62}{faults:>9.0f}")
+
+
+def main():
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).add_argument(
+        "--threads", type=int, default=2
+    )
+    print(f"machine: {machine()}  threads: {THREADS}")
+    print(f"{'':<62}{'now':>9}{'before':>9}")
+    for part in (
+        page_faults,
+        relu,
+        im2col_order,
+        stride1_conv,
+        col2im,
+        namespace_lookup,
+        eval_chunks,
+        batch1_floor,
+    ):
+        part()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
