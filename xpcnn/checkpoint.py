@@ -50,15 +50,23 @@ def save(path, arrays, meta):
         },
     )
     blob = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    atomic_write(path, lambda f: np.savez(f, **{_META: blob}, **arrays))
+
+
+def atomic_write(path, write):
+    """Call ``write(file)`` on a temporary file next to ``path``, fsync it, then rename it over
+    ``path``: a crash or Ctrl-C at any moment leaves either the old file or the complete new
+    one, never a mix. The temporary file is removed if anything fails."""
+    path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".ckpt", dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; give the usual file permissions
         with os.fdopen(fd, "wb") as f:
-            np.savez(f, **{_META: blob}, **arrays)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

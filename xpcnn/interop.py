@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 
 import numpy as np
 
 from .backends import to_numpy
+from .checkpoint import atomic_write
 from .nn import Conv2d, Flatten, Linear, Module, ReLU, Sequential, SimpleCNN
 
 __all__ = [
@@ -139,20 +139,7 @@ def _tensor_to_numpy(t):
 
 def _atomic_write(path, data):
     """Write bytes so that ``path`` holds either its old content or all of ``data``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: f.write(data))
 
 
 def _host_state(model_or_state):
