@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: thread pinning (before NumPy/torch load), machine description."""
 
+import json
 import os
 import platform
 import sys
@@ -55,3 +56,10 @@ def median(values):
 def spread(values):
     """(min, max) as a compact spread figure."""
     return min(values), max(values)
+
+
+def write_json(path, report):
+    """Write a benchmark's report as JSON when a path was given (``--json``)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(report, f, indent=1)

@@ -13,12 +13,11 @@ the CPU backend's `eval_chunk`, 128, at a time).
 
 import sys
 
-from common import machine, median, pin_threads, spread
+from common import machine, median, pin_threads, spread, write_json
 
 THREADS = pin_threads()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 import tracemalloc  # noqa: E402
 
@@ -118,9 +117,7 @@ def main():
         f"(eval_chunk={model.backend.eval_chunk}; "
         f"the input alone is {ten_thousand.nbytes / 2**20:.1f} MiB)"
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.json, report)
     return 0
 
 

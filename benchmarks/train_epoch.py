@@ -13,12 +13,11 @@ the code users get; PyTorch runs the textbook loop (zero_grad, forward, loss, ba
 
 import sys
 
-from common import machine, median, pin_threads, spread
+from common import machine, median, pin_threads, spread, write_json
 
 THREADS = pin_threads()
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import time  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -157,9 +156,7 @@ def main():
             f"{name:<16}{median(ts):>10.2f}{f'{lo:.2f}-{hi:.2f}':>16}{median(ratios):>16.2f}"
             f"{f'{rlo:.2f}-{rhi:.2f}':>16}{n / median(ts):>10.0f}"
         )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=1)
+    write_json(args.json, report)
     return 0
 
 
