@@ -14,8 +14,8 @@ import pytest
 
 from xpcnn.backends import BackendUnavailable, get_backend, to_numpy
 
-CPU_BACKENDS = ["cpu", "strict:cpu", "strict:device1", "strict:no_float64", "torch:cpu"]
-GPU_BACKENDS = ["cuda:0", "torch:cuda:0"]
+CPU_BACKENDS = ["cpu", "strict:cpu", "strict:device1", "strict:no_float64", "torch:cpu", "jax:cpu"]
+GPU_BACKENDS = ["cuda:0", "torch:cuda:0", "jax:cuda:0"]
 NO_FLOAT64 = {"strict:no_float64"}
 
 
@@ -94,10 +94,22 @@ def tolerance(dtype, gpu=False):
     return (1e-2, 5e-3) if gpu else (2e-4, 2e-5)
 
 
-def assert_close(actual, expected, dtype, what=""):
-    """Compare an array of any namespace with a NumPy reference; scale atol by the reference."""
+def assert_close(actual, expected, dtype, what="", *, backend):
+    """Compare ``actual`` with a reference, checking what it is before what it holds.
+
+    First ``actual`` must be an array of ``backend``'s namespace on its device (a host round
+    trip fails) with exactly the dtype ``dtype`` of that namespace (a silent float32 -> float64
+    upcast fails); then its values must match ``expected`` (any array, compared in float64)
+    within the tolerance for ``dtype``, scaled by the reference's magnitude.
+    """
+    assert backend.owns(actual), (
+        f"{what}: expected an array of backend {backend.name}, got {type(actual).__module__}."
+        f"{type(actual).__name__} on {getattr(actual, 'device', '?')}"
+    )
+    assert actual.dtype == backend.dtype(dtype), f"{what}: dtype {actual.dtype}, expected {dtype}"
     a = to_numpy(actual).astype(np.float64)
-    e = np.asarray(expected, dtype=np.float64)
+    e = np.asarray(to_numpy(expected) if not isinstance(expected, float | int) else expected)
+    e = e.astype(np.float64)
     assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape}"
     rtol, atol = tolerance(dtype, on_gpu(actual))
     scale = max(1.0, float(np.abs(e).max(initial=0.0)))

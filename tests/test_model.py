@@ -40,15 +40,15 @@ def test_simple_cnn_matches_torch(backend_dtype, rng, method):
     loss, g = F.cross_entropy(logits, backend.asarray(t, "int64"))
     dx = model.backward(g)
     assert backend.owns(logits) and backend.owns(dx)
-    assert_close(logits, net(tx).detach().numpy(), dtype, "logits")
-    assert_close(loss, tloss.item(), dtype, "loss")
-    assert_close(dx, tx.grad.numpy(), dtype, "input grad")
+    assert_close(logits, net(tx).detach().numpy(), dtype, "logits", backend=backend)
+    assert_close(loss, tloss.item(), dtype, "loss", backend=backend)
+    assert_close(dx, tx.grad.numpy(), dtype, "input grad", backend=backend)
     for (name, p), (tname, tp) in zip(
         model.named_parameters(), net.named_parameters(), strict=True
     ):
         assert name == tname
         assert backend.owns(p.grad)
-        assert_close(p.grad, tp.grad.numpy(), dtype, name)
+        assert_close(p.grad, tp.grad.numpy(), dtype, name, backend=backend)
 
 
 def test_training_backward_skips_data_gradient(backend, rng):
@@ -169,7 +169,7 @@ def test_sequential_custom_model_and_build(backend, rng):
     assert [n for n, _ in model.named_parameters()][:2] == ["0.weight", "0.bias"]
     twin = nn.build(model.config(), device=backend.name)
     twin.load_state_dict(model.state_dict())
-    assert_close(twin(x), to_numpy(y), "float32")
+    assert_close(twin(x), to_numpy(y), "float32", backend=backend)
     assert isinstance(model[0], nn.Conv2d) and len(model) == 6
 
 
@@ -276,6 +276,6 @@ def test_tf32_stays_within_the_gpu_tolerance(rng):
     ref_logits = ref(x)
     _, ref_g = F.cross_entropy(ref_logits, t)
     ref.backward(ref_g)
-    assert_close(logits, ref_logits, "float32", "logits, TF32")
+    assert_close(logits, ref_logits, "float32", "logits, TF32", backend=backend)
     for (name, p), (_, rp) in zip(model.named_parameters(), ref.named_parameters(), strict=True):
-        assert_close(p.grad, rp.grad, "float32", f"{name} grad, TF32")
+        assert_close(p.grad, rp.grad, "float32", f"{name} grad, TF32", backend=backend)

@@ -37,19 +37,49 @@ def test_matches_torch_optim(backend_dtype, rng, name, kwargs):
         topt.step()
         for p, tp in zip(params, tparams, strict=True):
             assert backend.owns(p.data)
-            assert_close(p.data, tp.detach().numpy(), dtype)
-    for state in opt.state:  # lazily created state lives on the parameter's device
-        for v in state.values():
-            if not isinstance(v, int | float):
-                assert backend.owns(v)
+            assert_close(p.data, tp.detach().numpy(), dtype, backend=backend)
+    _, arrays = opt.state_dict()  # the state lives on the parameters' device, in their dtype
+    assert bool(arrays) == (name == "adam" or "momentum" in kwargs)
+    assert all(backend.owns(v) for v in arrays.values())
+    assert all(v.dtype == backend.dtype(dtype) for v in arrays.values())
+
+
+@pytest.mark.parametrize("name, kwargs", CONFIGS, ids=lambda v: str(v))
+def test_update_is_a_pure_function_on_immutable_arrays(rng, name, kwargs):
+    """On JAX (immutable arrays) `update` returns new arrays and leaves its inputs alone, and
+    gives what NumPy's in-place update gives."""
+    jnp = pytest.importorskip("jax.numpy")
+    from xpcnn.backends import get_backend
+
+    jb = get_backend("jax:cpu")
+    init = [rng.standard_normal(s) for s in [(3, 4), (5,)]]
+    grads = [rng.standard_normal(a.shape) for a in init]
+    ref = optim.make_optimizer(name, [Parameter(a.copy()) for a in init], **kwargs)
+    for p, g in zip(ref.params, grads, strict=True):
+        p.grad = g
+    ref.step()
+    opt = optim.make_optimizer(name, [Parameter(jb.asarray(a, "float64")) for a in init], **kwargs)
+    params = [p.data for p in opt.params]
+    before = [np.array(a) for a in params]
+    new, state = opt.update(
+        params, [jb.asarray(g, "float64") for g in grads], opt.state, 0.0 + kwargs["lr"]
+    )
+    for a, b in zip(params, before, strict=True):
+        np.testing.assert_array_equal(np.array(a), b)  # inputs untouched
+    for a, p in zip(new, ref.params, strict=True):
+        assert isinstance(a, jnp.ndarray)
+        np.testing.assert_allclose(np.array(a), p.data, rtol=1e-12, atol=1e-14)
 
 
 def test_skips_parameters_without_grad():
     p = Parameter(np.ones(3, np.float32))
-    opt = optim.SGD([p], lr=1.0, momentum=0.9)
+    q = Parameter(np.ones(2, np.float32))
+    opt = optim.SGD([p, q], lr=1.0, momentum=0.9)
+    q.grad = np.ones(2, np.float32)
     opt.step()
     np.testing.assert_array_equal(p.data, np.ones(3))
-    assert opt.state[0] == {}
+    np.testing.assert_array_equal(opt.state["slots"][0]["momentum_buffer"], np.zeros(3))
+    np.testing.assert_array_equal(q.data, np.zeros(2))
 
 
 def test_state_round_trip_continues_identically(rng):
@@ -74,7 +104,11 @@ def test_state_round_trip_continues_identically(rng):
 @pytest.mark.parametrize(
     "call, match",
     [
-        (lambda p: optim.SGD(p, lr=-1), "lr must be >= 0"),
+        (lambda p: optim.SGD(p, lr=-1), "lr must be a finite number >= 0"),
+        (lambda p: optim.SGD(p, lr=0.1, momentum=float("nan")), "momentum must be a finite"),
+        (lambda p: optim.SGD(p, lr=float("inf")), "lr must be a finite"),
+        (lambda p: optim.Adam(p, eps=float("nan")), "eps must be a finite"),
+        (lambda p: optim.SGD(p, lr="0.1"), "lr must be a number"),
         (lambda p: optim.SGD(p, lr=0.1, nesterov=True), "nesterov needs momentum"),
         (lambda p: optim.Adam(p, betas=(0.9, 1.5)), "betas must be two numbers"),
         (lambda p: optim.make_optimizer("rmsprop", p), "unknown optimizer 'rmsprop'"),
@@ -88,8 +122,17 @@ def test_bad_arguments(call, match):
 
 def test_load_state_refuses_mismatch():
     p = Parameter(np.zeros(2))
-    config, _ = optim.SGD([p], lr=0.1).state_dict()
-    with pytest.raises(ValueError, match="optimizer state is for SGD, not Adam"):
-        optim.Adam([p]).load_state_dict(config, {}, np.array)
-    with pytest.raises(ValueError, match="has 1 parameters, model has 2"):
-        optim.SGD([p, Parameter(np.zeros(3))], lr=0.1).load_state_dict(config, {}, np.array)
+    config, arrays = optim.SGD([p], lr=0.1, momentum=0.9).state_dict()
+    with pytest.raises(ValueError, match="optimizer state is for 'SGD', not Adam"):
+        optim.Adam([p]).load_state_dict(config, arrays, np.array)
+    with pytest.raises(ValueError, match=r"\['1.momentum_buffer'\] are missing"):
+        optim.SGD([p, Parameter(np.zeros(3))], lr=0.1, momentum=0.9).load_state_dict(
+            config, arrays, np.array
+        )
+    with pytest.raises(ValueError, match="has shape"):
+        optim.SGD([Parameter(np.zeros(3))], lr=0.1, momentum=0.9).load_state_dict(
+            config, arrays, np.array
+        )
+    bad = dict(config, hyper=dict(config["hyper"], momentum=float("nan")))
+    with pytest.raises(ValueError, match="momentum must be a finite"):
+        optim.SGD([p], lr=0.1, momentum=0.9).load_state_dict(bad, arrays, np.array)

@@ -8,6 +8,7 @@ import pytest
 import xpcnn
 from xpcnn import checkpoint as ckpt
 from xpcnn import datasets, nn
+from xpcnn import step as S
 from xpcnn import trainer as T
 
 
@@ -89,22 +90,22 @@ def test_resume_after_an_epoch_matches_uninterrupted(small, tmp_path):
 def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch):
     full = _weights(_run(small, epochs=2))
     calls = {"n": 0}
-    real = T.cross_entropy
+    real = S.cross_entropy
 
     def interrupting_cross_entropy(logits, labels):
         calls["n"] += 1
-        if calls["n"] == 14:  # epoch 1: 10 steps + 1 test evaluation; then epoch 2, step 3
+        if calls["n"] == 13:  # epoch 1: 10 steps; then epoch 2, step 3
             signal.raise_signal(signal.SIGINT)
         return real(logits, labels)
 
-    monkeypatch.setattr(T, "cross_entropy", interrupting_cross_entropy)
+    monkeypatch.setattr(S, "cross_entropy", interrupting_cross_entropy)
     path = tmp_path / "run.ckpt"
     with pytest.raises(T.TrainingInterrupted, match="interrupted at epoch 2, step 3") as info:
         _run(small, checkpoint=path)
     assert info.value.checkpoint == path
     _, meta = ckpt.load(path)
     assert (meta["epoch"], meta["step"]) == (1, 3)
-    monkeypatch.setattr(T, "cross_entropy", real)
+    monkeypatch.setattr(S, "cross_entropy", real)
     r = _run(small, checkpoint=path, resume=True)
     for k, v in _weights(r).items():
         np.testing.assert_array_equal(v, full[k])
@@ -116,27 +117,27 @@ def test_non_finite_loss_stops_with_epoch_and_step(small, tmp_path, monkeypatch)
     _run(small, epochs=1, checkpoint=path)
     saved = path.read_bytes()
     calls = {"n": 0}
-    real = T.cross_entropy
+    real = S.cross_entropy
 
     def poisoned(logits, labels):
         calls["n"] += 1
         loss, grad = real(logits, labels)
         return (loss * float("nan"), grad) if calls["n"] == 4 else (loss, grad)
 
-    monkeypatch.setattr(T, "cross_entropy", poisoned)
+    monkeypatch.setattr(S, "cross_entropy", poisoned)
     with pytest.raises(
         T.TrainingDiverged,
         match=r"non-finite at epoch 2, step 4 of 10.*"
-        r"run.ckpt\) is intact",
+        r"last good checkpoint is .*run.ckpt \(epoch 1\)",
     ):
         _run(small, checkpoint=path, resume=True)
     assert path.read_bytes() == saved
 
 
 def test_one_read_back_per_refresh(small, monkeypatch):
-    """With the bar refreshing only at the end of an epoch, training reads the device twice per
-    epoch: the epoch's sums, then the test evaluation."""
-    monkeypatch.setattr(T._EpochRunner, "REFRESH_SECONDS", 1e9)
+    """With the display refreshing only at the end of an epoch, training reads the device twice
+    per epoch: the epoch's sums, then the test evaluation."""
+    monkeypatch.setattr(T, "REFRESH_SECONDS", 1e9)
     r = _run(small, epochs=3)
     assert r.host_syncs == 2 * 3
 

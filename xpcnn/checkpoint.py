@@ -29,14 +29,14 @@ class CheckpointError(ValueError):
 
 
 def _digest(a):
-    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+    return hashlib.sha256(np.array(a, order="C", copy=None).tobytes()).hexdigest()
 
 
 def save(path, arrays, meta):
     """Write ``arrays`` (name -> NumPy array) and JSON-able ``meta`` to ``path`` atomically.
     Raises TypeError for a non-numeric array (object arrays would need pickle)."""
     path = os.fspath(path)
-    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    arrays = {k: np.array(v, order="C", copy=None) for k, v in arrays.items()}  # keeps 0-d
     for k, v in arrays.items():
         if v.dtype.kind not in "biuf":
             raise TypeError(f"checkpoint array {k!r} has non-numeric dtype {v.dtype}")

@@ -1,5 +1,9 @@
 """The non-convolution math: ReLU, linear (fully connected) and softmax cross-entropy, each with
 its hand-written gradient. Pure Array API; the convolution lives in `xpcnn.conv`.
+
+Where a backend registered a fused version of a step (`xpcnn.kernels`), it is used; otherwise
+the Array API expression beside it is the code. Nothing here caches arrays between calls, so
+every function can be traced by ``jax.jit`` or captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -7,34 +11,25 @@ from __future__ import annotations
 from array_api_compat import device
 
 from ._namespace import array_namespace
-
-_zeros = {}
-
-
-def _zero(xp, dtype, dev):
-    """A 0-d zero of ``dtype`` on ``dev``, made once: creating it from a Python float on every
-    call would be a host-to-device copy, which stalls a GPU at every ReLU."""
-    key = (xp.__name__, str(dtype), str(dev))  # CuPy devices are not hashable
-    zero = _zeros.get(key)
-    if zero is None:
-        zero = _zeros[key] = xp.zeros((), dtype=dtype, device=dev)
-    return zero
+from .kernels import hook
 
 
 def relu(x):
     """``max(x, 0)`` elementwise."""
     xp = array_namespace(x)
-    return xp.maximum(x, _zero(xp, x.dtype, device(x)))
+    fused = hook(xp, "relu")
+    return fused(x) if fused else xp.maximum(x, 0.0)
 
 
 def relu_backward(g, y):
     """dL/dx of ReLU from dL/dy and the forward *output* y: g where y > 0, else 0.
 
-    Written as ``g * (y > 0)`` with the mask cast to g's dtype: on NumPy and torch this
-    multiply is several times faster than ``where``.
+    Written as ``g * (y > 0)`` with the mask cast to g's dtype: on NumPy this multiply is
+    several times faster than ``where``.
     """
     xp = array_namespace(g, y)
-    return g * xp.astype(y > 0, g.dtype)
+    fused = hook(xp, "relu_backward")
+    return fused(g, y) if fused else g * xp.astype(y > 0, g.dtype)
 
 
 def linear(x, weight, bias=None):
@@ -79,13 +74,22 @@ def cross_entropy(logits, labels):
     ``logits`` (N, K) float, ``labels`` (N,) integers in [0, K). With p = softmax(z) and y the
     one-hot label, ``L = -mean_n log p[n, label_n]`` and ``dL/dz = (p - y) / N``.
     Returns ``(loss, dlogits)``; loss is a 0-d array on the logits' device. Labels are not
-    range-checked here (that would need a device-to-host read); `xpcnn.datasets` checks them
-    when it loads a dataset.
+    range-checked here (that would need a device-to-host read); `xpcnn.datasets.Dataset` and
+    the trainer check them where data enters.
     """
     xp = array_namespace(logits, labels)
     n, k = logits.shape
     logp = log_softmax(logits)
     hot = one_hot(labels, k)
     loss = -xp.sum(xp.where(hot, logp, 0.0)) / n
-    grad = (xp.exp(logp) - xp.astype(hot, logits.dtype)) / n
-    return loss, grad
+    fused = hook(xp, "softmax_xent_grad")
+    if fused:
+        return loss, fused(logp, hot, n)
+    return loss, (xp.exp(logp) - xp.astype(hot, logits.dtype)) / n
+
+
+def correct_count(logits, labels):
+    """How many rows of ``logits`` have their largest value at the label, as a 0-d array of the
+    logits' dtype (it stays on the device)."""
+    xp = array_namespace(logits)
+    return xp.sum(xp.astype(xp.argmax(logits, axis=1) == labels, logits.dtype))

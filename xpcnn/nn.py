@@ -5,13 +5,20 @@ training mode (the default) forward keeps what backward needs; backward stores e
 gradient in ``param.grad`` (overwriting, not accumulating) and releases that cache. In eval mode
 (``model.eval()``) forward keeps nothing, which is what inference wants.
 
+There is no bookkeeping per layer class: a module's parameters, buffers and sub-modules are
+found from its attributes (any `Parameter`, `Buffer` or `Module` it holds, in the order they
+were assigned), and its config (what `build` recreates it from) is the arguments its constructor
+was called with. A new layer is its math plus a constructor that assigns its parameters.
+
 Parameters and their names follow PyTorch (``conv1.weight`` is ``(out, in, kh, kw)``,
 ``fc1.weight`` is ``(out, in)``), so ``state_dict()`` round-trips with ``torch.nn`` models.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+import inspect
+from collections.abc import Iterator, Mapping
 
 from array_api_compat import device
 
@@ -21,9 +28,30 @@ from . import init
 from ._namespace import array_namespace
 from .backends import get_backend, to_numpy
 
-__all__ = ["Conv2d", "Flatten", "Linear", "Module", "Parameter", "ReLU", "Sequential", "build"]
+__all__ = [
+    "Buffer",
+    "Conv2d",
+    "Flatten",
+    "LAYERS",
+    "Linear",
+    "Module",
+    "Parameter",
+    "ReLU",
+    "Sequential",
+    "SimpleCNN",
+    "build",
+]
 
 DTYPES = ("float32", "float64")
+
+#: Every Module subclass by class name, filled in as classes are defined; `build` reads it.
+LAYERS: dict[str, type[Module]] = {}
+
+#: Constructor arguments that choose how, not what: never part of a config.
+NOT_CONFIG = frozenset({"self", "dtype", "device", "seed", "input_grad"})
+
+#: Deepest nesting of Sequential a config may have (a hostile checkpoint cannot recurse forever).
+MAX_CONFIG_DEPTH = 32
 
 
 def _check_dtype(dtype):
@@ -33,38 +61,94 @@ def _check_dtype(dtype):
 
 
 class Parameter:
-    """A trainable array (``data``) and its gradient (``grad``, None until a backward pass)."""
+    """A trainable array (``data``) and its gradient (``grad``, None until a backward pass).
 
-    __slots__ = ("data", "grad")
+    A parameter created under `xpcnn.init.deferred` has no data yet, only its shape."""
 
-    def __init__(self, data):
+    __slots__ = ("_shape", "data", "grad")
+
+    def __init__(self, data, shape=None):
         self.data = data
         self.grad = None
+        self._shape = tuple(shape) if data is None else None
 
     @property
-    def shape(self):
+    def shape(self) -> tuple[int, ...]:
         """The parameter's shape as a tuple of ints."""
-        return tuple(self.data.shape)
+        return self._shape if self.data is None else tuple(self.data.shape)
 
     def __repr__(self):
-        return f"Parameter(shape={self.shape}, dtype={self.data.dtype})"
+        return (
+            f"{type(self).__name__}(shape={self.shape}, dtype={getattr(self.data, 'dtype', None)})"
+        )
+
+
+class Buffer(Parameter):
+    """State that is saved and moved with the model but not trained (running statistics).
+
+    ``kind`` is ``"float"`` (cast with the model's dtype) or ``"int64"`` (a counter)."""
+
+    __slots__ = ("kind",)
+
+    def __init__(self, data, shape=None, kind="float"):
+        super().__init__(data, shape)
+        self.kind = kind
+
+
+def _jsonable(value, where):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v, where) for k, v in value.items()}
+    if isinstance(value, tuple | list):
+        return [_jsonable(v, where) for v in value]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"{where}: config value {value!r} is not JSON-able")
 
 
 class Module:
-    """Base class: parameter bookkeeping, ``state_dict``, device and dtype moves, train/eval.
+    """Base class: parameter discovery, ``state_dict``, device and dtype moves, train/eval.
 
     ``dtype`` is ``"float32"`` (default) or ``"float64"``; ``device`` a device string or
     `xpcnn.backends.Backend` (default ``"cpu"``). Subclasses implement `forward`, `backward`
-    and, if they have weights, `own_parameters`, `reset_parameters` and `config`.
+    and, if they have weights, `reset_parameters` (which assigns `Parameter` attributes).
     """
+
+    def __init_subclass__(cls, **kwargs):
+        """Register the class for `build` and record its constructor arguments as its config."""
+        super().__init_subclass__(**kwargs)
+        LAYERS[cls.__name__] = cls
+        original = cls.__dict__.get("__init__")
+        if original is None:
+            return
+        signature = inspect.signature(original)
+
+        @functools.wraps(original)
+        def __init__(self, *args, **kw):
+            if "_args" not in self.__dict__:  # the outermost constructor's arguments win
+                bound = signature.bind(self, *args, **kw)
+                bound.apply_defaults()
+                self._args = {
+                    k: v
+                    for k, v in bound.arguments.items()
+                    if k not in NOT_CONFIG
+                    and signature.parameters[k].kind is not inspect.Parameter.VAR_POSITIONAL
+                }
+            original(self, *args, **kw)
+
+        cls.__init__ = __init__
 
     def __init__(self, *, dtype="float32", device="cpu"):
         self.training = True
-        self.name = None  # set by the parent Sequential; used in error messages
+        self.name = None  # set by the parent; used in error messages
         self.dtype = _check_dtype(dtype)
         self.backend = get_backend(device)
         self._cache = None
-        self._buffers = {}  # scratch arrays reused from step to step (see xpcnn.conv)
+        self._buffers = {}  # scratch arrays reused from step to step (see xpcnn.conv); None: off
+
+    def __setattr__(self, key, value):
+        if isinstance(value, Module) and not key.startswith("_"):
+            value.name = key
+        object.__setattr__(self, key, value)
 
     # --- to be provided by layers -------------------------------------------------------------
     def forward(self, x):
@@ -80,28 +164,43 @@ class Module:
         """
         raise NotImplementedError
 
-    def own_parameters(self):
-        """``(name, Parameter)`` pairs that belong to this module itself (not its children)."""
-        return ()
+    def reset_parameters(self, seed=None) -> None:
+        """Draw fresh initial weights (PyTorch's default scheme) from ``seed``; a container
+        gives each child its own seed derived from it."""
+        children = [child for _, child in self.children()]
+        for child, child_seed in zip(children, init.child_seeds(seed, len(children)), strict=True):
+            child.reset_parameters(child_seed)
 
-    def children(self):
-        """``(name, Module)`` pairs of direct sub-modules."""
-        return ()
+    def config(self) -> dict:
+        """A JSON-able description from which `build` recreates this module (without weights):
+        its type and the arguments its constructor was called with."""
+        args = self.__dict__.get("_args", {})
+        return {"type": type(self).__name__, **_jsonable(args, type(self).__name__)}
 
-    def config(self):
-        """A JSON-able description from which `build` recreates this module (without weights)."""
-        return {"type": type(self).__name__}
+    # --- creating state -----------------------------------------------------------------------
+    def param(self, host) -> Parameter:
+        """A `Parameter` holding the host (NumPy) array ``host`` on this module's backend and
+        dtype; under `xpcnn.init.deferred`, one that records only the shape."""
+        if init.is_deferred():
+            return Parameter(None, host.shape)
+        return Parameter(self.backend.asarray(host, self.dtype))
 
-    def reset_parameters(self, seed=None):
-        """Draw fresh initial weights (PyTorch's default scheme) from ``seed``."""
+    def buffer(self, host, kind="float") -> Buffer:
+        """A `Buffer` like `param` (``kind="int64"`` keeps integer counters integer)."""
+        if init.is_deferred():
+            return Buffer(None, host.shape, kind)
+        dtype = self.dtype if kind == "float" else kind
+        return Buffer(self.backend.asarray(host, dtype), kind=kind)
 
     # --- shared machinery -----------------------------------------------------------------------
     def __call__(self, x):
+        """``forward(x)`` after checking that x is an array of this module's backend and dtype."""
+        self.check_input(x)
         with self.backend.activate():  # CuPy: allocate on this model's GPU, not the current one
             return self.forward(x)
 
     @property
-    def label(self):
+    def label(self) -> str:
         """How error messages name this layer, e.g. ``Conv2d 'conv2' (32->64, k=2, s=2, p=1)``."""
         named = f" {self.name!r}" if self.name else ""
         return f"{type(self).__name__}{named}{self._shape_text()}"
@@ -109,45 +208,64 @@ class Module:
     def _shape_text(self):
         return ""
 
-    def modules(self):
+    def children(self) -> list[tuple[str, Module]]:
+        """``(name, Module)`` pairs of direct sub-modules, in assignment order."""
+        return [(k, v) for k, v in vars(self).items() if isinstance(v, Module)]
+
+    def modules(self) -> Iterator[Module]:
         """This module and every descendant, depth first."""
         yield self
         for _, child in self.children():
             yield from child.modules()
 
-    def named_parameters(self, prefix=""):
-        """``(dotted name, Parameter)`` for every parameter, in PyTorch's naming and order."""
-        for name, p in self.own_parameters():
-            yield prefix + name, p
-        for cname, child in self.children():
-            yield from child.named_parameters(f"{prefix}{cname}.")
+    def _named(self, kind, prefix=""):
+        for name, value in vars(self).items():
+            if type(value) is kind:
+                yield prefix + name, value
+            elif isinstance(value, Module):
+                yield from value._named(kind, f"{prefix}{name}.")
 
-    def parameters(self):
+    def named_parameters(self, prefix="") -> Iterator[tuple[str, Parameter]]:
+        """``(dotted name, Parameter)`` for every parameter, in PyTorch's naming and order."""
+        return self._named(Parameter, prefix)
+
+    def parameters(self) -> list[Parameter]:
         """Every `Parameter`, in `named_parameters` order."""
         return [p for _, p in self.named_parameters()]
 
-    def zero_grad(self):
+    def named_buffers(self, prefix="") -> Iterator[tuple[str, Buffer]]:
+        """``(dotted name, Buffer)`` for every buffer (running statistics, counters)."""
+        return self._named(Buffer, prefix)
+
+    def buffers(self) -> list[Buffer]:
+        """Every `Buffer`, in `named_buffers` order."""
+        return [b for _, b in self.named_buffers()]
+
+    def zero_grad(self) -> None:
         """Forget every parameter's gradient (set it to None)."""
         for p in self.parameters():
             p.grad = None
 
-    def train(self, mode=True):
-        """Training mode: forward keeps what backward needs."""
+    def train(self, mode=True) -> Module:
+        """Training mode: forward keeps what backward needs (and dropout, batch norm train)."""
         for m in self.modules():
             m.training = mode
             m._cache = None
         return self
 
-    def eval(self):
+    def eval(self) -> Module:
         """Inference mode: forward keeps nothing."""
         return self.train(False)
 
-    def state_dict(self):
-        """``{name: NumPy array}`` copies of every parameter, PyTorch names and layouts."""
-        return {name: self.backend.to_host(p.data) for name, p in self.named_parameters()}
+    def state_dict(self) -> dict:
+        """``{name: NumPy array}`` copies of every parameter and buffer, PyTorch names and
+        layouts."""
+        entries = [*self.named_parameters(), *self.named_buffers()]
+        return {name: self.backend.to_host(p.data) for name, p in entries}
 
-    def load_state_dict(self, state):
-        """Load parameters from a mapping of NumPy arrays or torch tensors (any device).
+    def load_state_dict(self, state) -> Module:
+        """Load parameters and buffers from a mapping of NumPy arrays or torch tensors (any
+        device).
 
         Values are cast to the model's dtype and moved to its device. Missing or unexpected keys
         and wrong shapes raise ValueError naming them; nothing is changed unless all are valid.
@@ -156,18 +274,25 @@ class Module:
             raise TypeError(
                 f"load_state_dict expects a mapping of name -> array, got {type(state)}"
             )
-        params = dict(self.named_parameters())
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
+        entries = dict([*self.named_parameters(), *self.named_buffers()])
+        missing = [k for k in entries if k not in state]
+        unexpected = [k for k in state if k not in entries]
         if missing or unexpected:
             raise ValueError(
                 f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}"
-                f" (expected exactly {list(params)})"
+                f" (expected exactly {list(entries)})"
             )
         host = {}
-        for name, p in params.items():
+        for name, p in entries.items():
+            value = state[name]
+            shape = getattr(value, "shape", None)
+            if shape is not None and tuple(shape) != p.shape:  # before any copy
+                raise ValueError(
+                    f"load_state_dict: {name!r} has shape {tuple(shape)}, "
+                    f"the model expects {p.shape}"
+                )
             try:
-                value = to_numpy(state[name])
+                value = to_numpy(value)
             except (TypeError, ValueError) as exc:
                 raise TypeError(f"load_state_dict: {name!r} is not an array ({exc})") from None
             if tuple(value.shape) != p.shape:
@@ -178,25 +303,31 @@ class Module:
             if value.dtype.kind not in "fiu":
                 raise TypeError(f"load_state_dict: {name!r} has non-numeric dtype {value.dtype}")
             host[name] = value
-        for name, p in params.items():
-            p.data = self.backend.asarray(host[name], self.dtype)
+        for name, p in entries.items():
+            kind = getattr(p, "kind", "float")
+            p.data = self.backend.asarray(host[name], self.dtype if kind == "float" else kind)
             p.grad = None
         return self
 
-    def to(self, device=None, dtype=None):
-        """Move every parameter to ``device`` (a device string or Backend) and/or cast to ``dtype``
-        (``"float32"``/``"float64"``). Gradients and caches are dropped. Returns self."""
+    def to(self, device=None, dtype=None) -> Module:
+        """Move every parameter and buffer to ``device`` (a device string or Backend) and/or
+        cast to ``dtype`` (``"float32"``/``"float64"``). Gradients and caches are dropped.
+        Returns self."""
         backend = self.backend if device is None else get_backend(device)
         dtype = self.dtype if dtype is None else _check_dtype(dtype)
-        for p in self.parameters():
-            p.data = backend.asarray(to_numpy(p.data), dtype)
+        for p in [*self.parameters(), *self.buffers()]:
+            if p.data is not None:
+                kind = getattr(p, "kind", "float")
+                p.data = backend.asarray(to_numpy(p.data), dtype if kind == "float" else kind)
             p.grad = None
         for m in self.modules():
             m.backend, m.dtype, m._cache, m._buffers = backend, dtype, None, {}
         return self
 
     # --- helpers for layers ---------------------------------------------------------------------
-    def _check_input(self, x, ndim, layout):
+    def check_input(self, x) -> None:
+        """Raise TypeError unless ``x`` is an array of this module's namespace, device and dtype
+        (checked once per call of the whole model, not per layer)."""
         try:
             array_namespace(x)
         except TypeError:
@@ -204,17 +335,19 @@ class Module:
         if not self.backend.owns(x):
             raise TypeError(
                 f"{self.label}: input lives on {array_namespace(x).__name__} / {device(x)!r}, "
-                f"the layer on backend {self.backend.name!r}; move one of them "
+                f"the model on backend {self.backend.name!r}; move one of them "
                 f"(get_backend({self.backend.name!r}).asarray(x) or model.to(...))"
-            )
-        if x.ndim != ndim:
-            raise ValueError(
-                f"{self.label}: expected a {ndim}-D input {layout}, got shape {tuple(x.shape)}"
             )
         if x.dtype != self.backend.dtype(self.dtype):
             raise TypeError(
                 f"{self.label}: input dtype {x.dtype} does not match the layer's {self.dtype}; "
                 "cast the input or call model.to(dtype=...)"
+            )
+
+    def _check_ndim(self, x, ndim, layout):
+        if x.ndim != ndim:
+            raise ValueError(
+                f"{self.label}: expected a {ndim}-D input {layout}, got shape {tuple(x.shape)}"
             )
 
     def _check_grad(self, g, expected):
@@ -233,20 +366,14 @@ class Module:
         cache, self._cache = self._cache, None
         return cache
 
-    def _init_params(self, generator, weight_shape, fan_in, bias):
-        self.weight = Parameter(
-            self.backend.asarray(init.uniform_fan_in(generator, weight_shape, fan_in), self.dtype)
-        )
-        self.bias = None
-        if bias:
-            self.bias = Parameter(
-                self.backend.asarray(
-                    init.uniform_fan_in(generator, weight_shape[:1], fan_in), self.dtype
-                )
-            )
-
     def __repr__(self):
         return self.label
+
+
+def _positive_ints(layer, **values):
+    for arg, v in values.items():
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{layer}: {arg} must be a positive int, got {v!r}")
 
 
 class Conv2d(Module):
@@ -256,12 +383,11 @@ class Conv2d(Module):
     ``OH = (H + 2*padding - kernel_size) // stride + 1``; weight ``(out, in, kh, kw)``, bias
     ``(out,)``. ``kernel_size``, ``stride`` and ``padding`` are ints or (h, w) pairs. Weights
     are drawn from ``seed`` (PyTorch's default scheme; None: fresh randomness) in ``dtype`` on
-    ``device``. ``input_grad`` picks how backward computes dL/dx: ``"dilation"`` (default; the
-    dilated gradient convolved with the rotated kernel) or ``"col2im"`` (fewer multiply-adds).
+    ``device``. ``input_grad`` picks how backward computes dL/dx (`xpcnn.conv.INPUT_GRAD_METHODS`;
+    all give the same numbers).
 
     Raises ValueError for non-positive sizes or an unknown ``input_grad``; forward raises
-    ValueError for a wrong shape (not 4-D, wrong channel count, smaller than the kernel) and
-    TypeError for an input of another namespace, device or dtype.
+    ValueError for a wrong shape (not 4-D, wrong channel count, smaller than the kernel).
     """
 
     def __init__(
@@ -279,9 +405,7 @@ class Conv2d(Module):
         input_grad="dilation",
     ):
         super().__init__(dtype=dtype, device=device)
-        for arg, v in (("in_channels", in_channels), ("out_channels", out_channels)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"Conv2d: {arg} must be a positive int, got {v!r}")
+        _positive_ints("Conv2d", in_channels=in_channels, out_channels=out_channels)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = C.pair(kernel_size, "kernel_size")
         self.stride = C.pair(stride, "stride")
@@ -295,8 +419,8 @@ class Conv2d(Module):
         self.reset_parameters(seed)
 
     @property
-    def input_grad(self):
-        """``"dilation"`` or ``"col2im"``: the method backward uses for dL/dx."""
+    def input_grad(self) -> str:
+        """The method backward uses for dL/dx (one of `xpcnn.conv.INPUT_GRAD_METHODS`)."""
         return self._input_grad
 
     @input_grad.setter
@@ -308,22 +432,15 @@ class Conv2d(Module):
     def reset_parameters(self, seed=None):
         kh, kw = self.kernel_size
         fan_in = self.in_channels * kh * kw
-        shape = (self.out_channels, self.in_channels, kh, kw)
-        self._init_params(init.rng(seed), shape, fan_in, self.has_bias)
-
-    def own_parameters(self):
-        return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias else [])
-
-    def config(self):
-        return {
-            "type": "Conv2d",
-            "in_channels": self.in_channels,
-            "out_channels": self.out_channels,
-            "kernel_size": list(self.kernel_size),
-            "stride": list(self.stride),
-            "padding": list(self.padding),
-            "bias": self.has_bias,
-        }
+        g = init.rng(seed)
+        self.weight = self.param(
+            init.uniform_fan_in(g, (self.out_channels, self.in_channels, kh, kw), fan_in)
+        )
+        self.bias = (
+            self.param(init.uniform_fan_in(g, (self.out_channels,), fan_in))
+            if self.has_bias
+            else None
+        )
 
     def _shape_text(self):
         return (
@@ -331,14 +448,14 @@ class Conv2d(Module):
             f"s={self.stride}, p={self.padding})"
         )
 
-    def output_shape(self, input_shape):
+    def output_shape(self, input_shape) -> tuple[int, int, int, int]:
         """The (N, O, OH, OW) output shape for an (N, C, H, W) input shape."""
         n, _, h, w = input_shape
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         return (n, self.out_channels, C.output_size(h, kh, sh, ph), C.output_size(w, kw, sw, pw))
 
     def forward(self, x):
-        self._check_input(x, 4, f"(N, {self.in_channels}, H, W)")
+        self._check_ndim(x, 4, f"(N, {self.in_channels}, H, W)")
         if x.shape[1] != self.in_channels:
             raise ValueError(
                 f"{self.label}: expected {self.in_channels} input channels "
@@ -383,41 +500,33 @@ class Linear(Module):
 
     Weight ``(out_features, in_features)``, bias ``(out_features,)``, drawn from ``seed`` in
     ``dtype`` on ``device``. Raises ValueError for non-positive sizes; forward raises
-    ValueError for an input that is not ``(N, in_features)`` and TypeError for one of another
-    namespace, device or dtype.
+    ValueError for an input that is not ``(N, in_features)``.
     """
 
     def __init__(
         self, in_features, out_features, *, bias=True, seed=None, dtype="float32", device="cpu"
     ):
         super().__init__(dtype=dtype, device=device)
-        for arg, v in (("in_features", in_features), ("out_features", out_features)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"Linear: {arg} must be a positive int, got {v!r}")
+        _positive_ints("Linear", in_features=in_features, out_features=out_features)
         self.in_features, self.out_features = in_features, out_features
         self.has_bias = bool(bias)
         self.reset_parameters(seed)
 
     def reset_parameters(self, seed=None):
+        g = init.rng(seed)
         shape = (self.out_features, self.in_features)
-        self._init_params(init.rng(seed), shape, self.in_features, self.has_bias)
-
-    def own_parameters(self):
-        return [("weight", self.weight)] + ([("bias", self.bias)] if self.bias else [])
-
-    def config(self):
-        return {
-            "type": "Linear",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.has_bias,
-        }
+        self.weight = self.param(init.uniform_fan_in(g, shape, self.in_features))
+        self.bias = (
+            self.param(init.uniform_fan_in(g, shape[:1], self.in_features))
+            if self.has_bias
+            else None
+        )
 
     def _shape_text(self):
         return f" ({self.in_features}->{self.out_features})"
 
     def forward(self, x):
-        self._check_input(x, 2, f"(N, {self.in_features})")
+        self._check_ndim(x, 2, f"(N, {self.in_features})")
         if x.shape[1] != self.in_features:
             raise ValueError(
                 f"{self.label}: expected {self.in_features} input features "
@@ -489,50 +598,38 @@ class Sequential(Module):
         for name, layer in named:
             if not isinstance(layer, Module):
                 raise TypeError(f"Sequential: layer {name!r} is not a Module: {layer!r}")
+            if not isinstance(name, str) or not name or name.startswith("_") or "." in name:
+                raise ValueError(f"Sequential: bad layer name {name!r}")
         first = named[0][1] if named else None
         super().__init__(
             dtype=dtype or (first.dtype if first else "float32"),
             device=device or (first.backend if first else "cpu"),
         )
-        self._layers = dict(named)
         for name, layer in named:
-            layer.name = name
+            setattr(self, name, layer)
+        self._layers = [layer for _, layer in named]
         if any(m.backend != self.backend or m.dtype != self.dtype for _, m in named):
             self.to(self.backend, self.dtype)
 
-    def children(self):
-        return list(self._layers.items())
-
-    def __getattr__(self, name):
-        layers = self.__dict__.get("_layers", {})
-        if name in layers:
-            return layers[name]
-        raise AttributeError(f"{type(self).__name__} has no attribute or layer {name!r}")
-
     def __getitem__(self, key):
         if isinstance(key, int):
-            return list(self._layers.values())[key]
-        return self._layers[key]
+            return self._layers[key]
+        return dict(self.children())[key]
 
     def __len__(self):
         return len(self._layers)
 
     def __iter__(self):
-        return iter(self._layers.values())
+        return iter(self._layers)
 
-    def config(self):
+    def config(self) -> dict:
         return {
             "type": "Sequential",
-            "layers": [dict(name=name, **layer.config()) for name, layer in self._layers.items()],
+            "layers": [dict(name=name, **layer.config()) for name, layer in self.children()],
         }
 
-    def reset_parameters(self, seed=None):
-        """Re-initialise every layer from one seed (each layer gets its own derived seed)."""
-        for layer, child_seed in zip(self, init.child_seeds(seed, len(self)), strict=True):
-            layer.reset_parameters(child_seed)
-
-    def set_input_grad(self, method):
-        """Pick the input-gradient method of every Conv2d: ``"dilation"`` or ``"col2im"``."""
+    def set_input_grad(self, method) -> Sequential:
+        """Pick the input-gradient method of every Conv2d (`xpcnn.conv.INPUT_GRAD_METHODS`)."""
         for m in self.modules():
             if isinstance(m, Conv2d):
                 m.input_grad = method
@@ -546,30 +643,26 @@ class Sequential(Module):
 
     def forward(self, x):
         """Run every layer in order (in eval mode, `eval_chunk` samples at a time)."""
-        with self.backend.activate():
-            n = x.shape[0] if hasattr(x, "shape") and x.ndim else 0
-            chunk = self.eval_chunk or self.backend.eval_chunk
-            if self.training or n <= chunk:
-                return self._forward_all(x)
-            parts = [self._forward_all(x[i : min(i + chunk, n), ...]) for i in range(0, n, chunk)]
-            return array_namespace(parts[0]).concat(parts, axis=0)
-
-    def _forward_all(self, x):
-        for layer in self._layers.values():
-            x = layer.forward(x)
-        return x
+        n = x.shape[0] if x.ndim else 0
+        chunk = self.eval_chunk or self.backend.eval_chunk
+        if self.training or n <= chunk:
+            for layer in self._layers:
+                x = layer.forward(x)
+            return x
+        parts = [self.forward(x[i : min(i + chunk, n), ...]) for i in range(0, n, chunk)]
+        return array_namespace(parts[0]).concat(parts, axis=0)
 
     def backward(self, grad_out, need_input_grad=True):
         """Backpropagate through every layer. With ``need_input_grad=False`` the first layer
         skips dL/dx (training never needs the gradient of the data) and None is returned."""
-        layers = list(self._layers.values())
+        layers = self._layers
         with self.backend.activate():
             for i in range(len(layers) - 1, -1, -1):
                 grad_out = layers[i].backward(grad_out, need_input_grad=need_input_grad or i > 0)
         return grad_out
 
     def __repr__(self):
-        inner = "\n".join(f"  ({name}): {layer!r}" for name, layer in self._layers.items())
+        inner = "\n".join(f"  ({name}): {layer!r}" for name, layer in self.children())
         return f"{type(self).__name__}(\n{inner}\n)"
 
 
@@ -584,25 +677,26 @@ class SimpleCNN(Sequential):
     Parameter names match the notebook's ``torch.nn`` model, so state dicts move both ways.
     ``seed`` draws the weights (the same on every backend), ``dtype`` is ``"float32"`` or
     ``"float64"``, ``device`` a device string, ``input_grad`` the convolutions' input-gradient
-    method (``"dilation"`` or ``"col2im"``).
+    method.
     """
 
     def __init__(
         self, num_classes=10, *, seed=0, dtype="float32", device="cpu", input_grad="dilation"
     ):
-        opts = {"dtype": dtype}
+        _positive_ints("SimpleCNN", num_classes=num_classes)
+        conv = {"input_grad": input_grad, "dtype": dtype}
         super().__init__(
             {
-                "conv1": Conv2d(1, 32, 2, stride=2, padding=0, input_grad=input_grad, **opts),
-                "relu1": ReLU(**opts),
-                "conv2": Conv2d(32, 64, 2, stride=2, padding=1, input_grad=input_grad, **opts),
-                "relu2": ReLU(**opts),
-                "conv3": Conv2d(64, 128, 2, stride=2, padding=0, input_grad=input_grad, **opts),
-                "relu3": ReLU(**opts),
-                "flatten": Flatten(**opts),
-                "fc1": Linear(128 * 4 * 4, 250, **opts),
-                "relu4": ReLU(**opts),
-                "fc2": Linear(250, num_classes, **opts),
+                "conv1": Conv2d(1, 32, 2, stride=2, padding=0, **conv),
+                "relu1": ReLU(dtype=dtype),
+                "conv2": Conv2d(32, 64, 2, stride=2, padding=1, **conv),
+                "relu2": ReLU(dtype=dtype),
+                "conv3": Conv2d(64, 128, 2, stride=2, padding=0, **conv),
+                "relu3": ReLU(dtype=dtype),
+                "flatten": Flatten(dtype=dtype),
+                "fc1": Linear(128 * 4 * 4, 250, dtype=dtype),
+                "relu4": ReLU(dtype=dtype),
+                "fc2": Linear(250, num_classes, dtype=dtype),
             },
             dtype=dtype,
         )
@@ -611,35 +705,39 @@ class SimpleCNN(Sequential):
         if device != "cpu":
             self.to(device)
 
-    def config(self):
+    def config(self) -> dict:
         return {"type": "SimpleCNN", "num_classes": self.num_classes}
 
 
-_LAYER_TYPES = {"Conv2d": Conv2d, "Linear": Linear, "ReLU": ReLU, "Flatten": Flatten}
-
-
-def build(config, *, dtype="float32", device="cpu"):
+def build(config, *, dtype="float32", device="cpu", _depth=0) -> Module:
     """Recreate a module (fresh weights) from its `Module.config` description.
 
-    Raises ValueError for an unknown layer type or bad arguments."""
-    if not isinstance(config, Mapping) or "type" not in config:
-        raise ValueError(f"model config must be a mapping with a 'type', got {config!r}")
+    Raises ValueError for an unknown layer type, bad arguments or a malformed config."""
+    if _depth > MAX_CONFIG_DEPTH:
+        raise ValueError(f"model config nested deeper than {MAX_CONFIG_DEPTH} levels")
+    if not isinstance(config, Mapping) or not isinstance(config.get("type"), str):
+        raise ValueError(f"model config must be a mapping with a 'type', got {config!r:.200}")
     kind = config["type"]
     args = {k: v for k, v in config.items() if k not in ("type", "name")}
-    if kind == "SimpleCNN":
-        return SimpleCNN(args.get("num_classes", 10), dtype=dtype, device=device)
     if kind == "Sequential":
-        layers = {
-            spec.get("name", str(i)): build(spec, dtype=dtype)
-            for i, spec in enumerate(args.get("layers", []))
-        }
+        specs = args.pop("layers", None)
+        if args or not isinstance(specs, list):
+            raise ValueError("a Sequential config has exactly one entry 'layers', a list")
+        layers = {}
+        for i, spec in enumerate(specs):
+            name = spec.get("name", str(i)) if isinstance(spec, Mapping) else str(i)
+            if name in layers:
+                raise ValueError(f"model config: two layers named {name!r}")
+            layers[name] = build(spec, dtype=dtype, _depth=_depth + 1)
         return Sequential(layers, dtype=dtype).to(device)
-    if kind not in _LAYER_TYPES:
-        raise ValueError(
-            f"unknown layer type {kind!r} in model config; known: "
-            f"{['SimpleCNN', 'Sequential', *_LAYER_TYPES]}"
-        )
+    cls = LAYERS.get(kind)
+    if cls is None or kind in ("Module", "Sequential") or kind.startswith("_"):
+        known = sorted(k for k in LAYERS if not k.startswith("_"))
+        raise ValueError(f"unknown layer type {kind!r:.60} in model config; known: {known}")
+    bad = [k for k in args if not isinstance(k, str) or k in NOT_CONFIG]
+    if bad:
+        raise ValueError(f"model config for {kind}: unexpected keys {bad}")
     try:
-        return _LAYER_TYPES[kind](**args, dtype=dtype, device=device)
-    except TypeError as exc:
+        return cls(**args, dtype=dtype, device=device)
+    except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"bad arguments for {kind} in model config: {exc}") from None

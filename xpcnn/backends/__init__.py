@@ -7,6 +7,7 @@ Device strings are ``family[:argument]``:
 ``cuda``            CuPy on GPU 0; ``cuda:N`` on GPU N
 ``torch``           PyTorch tensors on the CPU (``torch:cpu``); ``torch:cuda:N`` on GPU N
 ``strict``          array-api-strict (``strict:cpu``, ``strict:device1``, ``strict:no_float64``)
+``jax``             jax.numpy on JAX's default device; ``jax:cpu``, ``jax:cuda:N``
 ==================  ==========================================================
 
 Every family is imported lazily, probed once, and the outcome cached, failures included, so an
@@ -41,6 +42,7 @@ _factories: dict[str, object] = {
     "cuda": "xpcnn.backends._cupy:make",
     "torch": "xpcnn.backends._torch:make",
     "strict": "xpcnn.backends._strict:make",
+    "jax": "xpcnn.backends._jax:make",
 }
 _aliases = {"numpy": "cpu"}
 # what a bare family name means, so that "cuda" and "cuda:0" share one probe and one object
@@ -51,6 +53,7 @@ _listed: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda:0",),
     "torch": ("torch:cpu", "torch:cuda:0"),
     "strict": ("strict:cpu", "strict:device1", "strict:no_float64"),
+    "jax": ("jax:cpu", "jax:cuda:0"),
 }
 _cache: dict[tuple[str, str | None], Backend | BackendUnavailable] = {}
 _by_name: dict[str, Backend] = {}
@@ -112,8 +115,11 @@ def _valid_specs():
             "strict",
             "strict:device1",
             "strict:no_float64",
+            "jax",
+            "jax:cpu",
+            "jax:cuda:N",
         ]
-        + [f for f in _factories if f not in ("cpu", "cuda", "torch", "strict")]
+        + [f for f in _factories if f not in ("cpu", "cuda", "torch", "strict", "jax")]
     )
 
 
@@ -196,6 +202,8 @@ def _guess_specs(xp, dev):
         return [f"torch:{dev}"]
     if c.is_cupy_namespace(xp):
         return [f"cuda:{dev.id}"]
+    if c.is_jax_namespace(xp):
+        return ["jax:cpu" if dev.platform == "cpu" else f"jax:cuda:{dev.id}"]
     if c.is_array_api_strict_namespace(xp):
         name = getattr(dev, "_device", "CPU_DEVICE")
         return ["strict:cpu" if name == "CPU_DEVICE" else f"strict:{name}"]

@@ -1,5 +1,13 @@
-"""PyTorch tensors driven by xpcnn's own layers (not torch.nn), via array-api-compat."""
+"""PyTorch tensors driven by xpcnn's own layers (not torch.nn), via array-api-compat.
 
+On a CUDA device `TorchBackend.compile` captures a function of tensors (a whole training step,
+`xpcnn.step.TrainStep`) in a CUDA graph and replays it: one launch per step instead of one per
+array operation. ``torch.cuda.graph`` can capture cuBLAS, which CuPy's capture cannot.
+"""
+
+from __future__ import annotations
+
+from .. import kernels
 from .base import Backend, BackendUnavailable
 
 
@@ -12,6 +20,10 @@ class TorchBackend(Backend):
     def eval_chunk(self):
         return 16384 if self.device.type == "cuda" else 128
 
+    @property
+    def compiles(self):
+        return self.device.type == "cuda"
+
     def to_host(self, x):
         return x.detach().cpu().numpy()
 
@@ -20,6 +32,117 @@ class TorchBackend(Backend):
             import torch
 
             torch.cuda.synchronize(self.device)
+
+    def compile(self, fn):
+        """On CUDA: ``fn`` captured as CUDA graphs (`CudaGraphFunction`); on the CPU: ``fn``."""
+        if self.device.type != "cuda":
+            return fn, False
+        return CudaGraphFunction(fn, self.device), True
+
+
+def _flatten(tree, leaves):
+    """Leaves of nested lists/tuples/dicts in order, and a description to rebuild them."""
+    if isinstance(tree, list | tuple):
+        return (type(tree), [_flatten(t, leaves) for t in tree])
+    if isinstance(tree, dict):
+        return (dict, [(k, _flatten(v, leaves)) for k, v in tree.items()])
+    leaves.append(tree)
+    return None
+
+
+def _unflatten(spec, leaves):
+    if spec is None:
+        return next(leaves)
+    kind, items = spec
+    if kind is dict:
+        return {k: _unflatten(s, leaves) for k, s in items}
+    return kind(_unflatten(s, leaves) for s in items)
+
+
+class CudaGraphFunction:
+    """A function of tensors (and Python floats) captured as a CUDA graph and replayed.
+
+    One graph per input signature (shapes and dtypes; the last, smaller batch of an epoch gets
+    its own). At capture, every input gets a static copy the graph reads from; Python floats
+    (the learning rate) become 0-d device tensors refilled before each replay. Before a replay,
+    each input that is not already its static tensor is copied in: state that the function
+    updates in place (parameters, momentum buffers) comes back as the static tensor itself, so
+    it is never copied. The returned tensors are the graph's static outputs, overwritten by the
+    next replay. Before capture the function runs twice on a side stream (cuBLAS and the
+    allocator initialise there) on the static copies, which are then restored, so the first
+    call computes exactly what an uncaptured call would.
+    """
+
+    WARMUP = 2
+
+    def __init__(self, fn, device):
+        import torch
+
+        self.fn, self.device, self.torch = fn, device, torch
+        self.graphs = {}
+
+    def _signature(self, leaves):
+        torch = self.torch
+        return tuple(
+            (tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else type(x).__name__
+            for x in leaves
+        )
+
+    def __call__(self, *args):
+        torch = self.torch
+        leaves = []
+        spec = _flatten(args, leaves)
+        key = self._signature(leaves)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(spec, leaves)
+        graph, static_in, static_out = self.graphs[key]
+        for x, s in zip(leaves, static_in, strict=True):
+            if s is None or x is s:
+                continue
+            if isinstance(x, torch.Tensor):
+                s.copy_(x)
+            else:
+                s.fill_(x)
+        graph.replay()
+        return static_out
+
+    def _capture(self, spec, leaves):
+        torch = self.torch
+        floats = [x for x in leaves if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        scalar_dtype = floats[0].dtype if floats else torch.float32
+        static_in = []
+        for x in leaves:
+            if isinstance(x, torch.Tensor):
+                static_in.append(x.detach().clone())
+            elif isinstance(x, int | float) and not isinstance(x, bool):
+                static_in.append(torch.full((), x, dtype=scalar_dtype, device=self.device))
+            elif x is None:
+                static_in.append(None)
+            else:
+                raise TypeError(f"cannot capture an argument of type {type(x).__name__}")
+        args = _unflatten(spec, iter(static_in))
+        tensors = [s for s in static_in if s is not None]
+        saved = [s.clone() for s in tensors]
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.WARMUP):
+                self.fn(*args)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        for s, v in zip(tensors, saved, strict=True):
+            s.copy_(v)
+        del saved
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = self.fn(*args)
+        return graph, static_in, out
+
+
+def _register_hooks(xp, torch):
+    """torch's own fused operators for ReLU and its gradient (the Array API fallback,
+    ``maximum(x, 0.0)``, would copy the 0 to the GPU at every call)."""
+    kernels.register(xp, "relu", torch.relu)
+    kernels.register(xp, "relu_backward", lambda g, y: torch.ops.aten.threshold_backward(g, y, 0))
 
 
 def make(arg):
@@ -48,4 +171,5 @@ def make(arg):
             raise BackendUnavailable(f"torch:{arg} asked for, but only {count} CUDA device(s)")
     import array_api_compat.torch as xp
 
+    _register_hooks(xp, torch)
     return TorchBackend(f"torch:{arg}", xp, torch.device(arg))

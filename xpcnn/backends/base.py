@@ -22,10 +22,10 @@ class BackendUnavailable(RuntimeError):
 class Backend:
     """A namespace and a device, with host transfers and synchronisation.
 
-    Subclasses override `to_host`, `synchronize` and `activate` where their library needs it;
-    everything else is plain Array API. ``name`` is the canonical device string, ``xp`` the
-    array-api-compat namespace, ``device`` the namespace's device object; ``family`` (a class
-    attribute) is the registry family it belongs to.
+    Subclasses override `to_host`, `synchronize`, `activate` and `compile` where their
+    library needs it; everything else is plain Array API. ``name`` is the canonical device
+    string, ``xp`` the array-api-compat namespace, ``device`` the namespace's device object;
+    ``family`` (a class attribute) is the registry family it belongs to.
     """
 
     family = "base"
@@ -74,6 +74,15 @@ class Backend:
     def activate(self):
         """Context in which creation calls land on this backend's device (CuPy needs it)."""
         return contextlib.nullcontext()
+
+    #: Whether `compile` does more than return its argument (shown by ``xpcnn backends``).
+    compiles = False
+
+    def compile(self, fn):
+        """Compile ``fn``, a pure function of (nested lists/dicts of) arrays and Python floats,
+        for this backend. Returns ``(callable, compiled)``; the default runs ``fn`` as it is
+        (``compiled`` False). See `xpcnn.step.TrainStep`."""
+        return fn, False
 
     def owns(self, x):
         """True if ``x`` is an array of this backend's namespace on its device."""

@@ -1,0 +1,169 @@
+"""The training step as a first-class object: one function of arrays that a backend may compile.
+
+    step = TrainStep(model, optimizer)            # cross-entropy by default
+    loss, correct = step(x, labels, lr)           # one update; both 0-d arrays on the device
+
+`TrainStep.function` is the whole step as a pure function of arrays,
+
+    (params, buffers, opt_state, x, labels, lr) -> (params, buffers, opt_state, loss, correct)
+
+built from two halves that can be called apart (data-parallel training puts an allreduce of
+the gradients between them): `TrainStep.gradients` (load the parameters into the model, forward,
+loss, backward) and `TrainStep.update` (the optimizer's pure update). With ``compile=True`` the
+model's backend compiles the function (`xpcnn.backends.Backend.compile`): ``jax.jit`` on the
+``jax`` backends, a CUDA graph on ``torch:cuda``; other backends run it as it is. Calling the
+step writes the new arrays back into the model's `Parameter` objects and the optimizer, so the
+model, the optimizer and checkpoints see every update.
+
+The layers are the same hand-written ones in every case. While a step is being traced or
+captured, their scratch buffers are switched off (`scratch_off`), so no array outlives the call
+that made it: a cached array would leak a JAX tracer into the next trace, or alias memory a
+CUDA graph owns.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+from .functional import correct_count, cross_entropy
+
+__all__ = ["TrainStep", "predict_function", "scratch_off"]
+
+
+@contextlib.contextmanager
+def scratch_off(model) -> Iterator[None]:
+    """Switch off the scratch-buffer reuse of every layer of ``model`` for the duration."""
+    modules = list(model.modules())
+    saved = [m._buffers for m in modules]
+    for m in modules:
+        m._buffers = None
+    try:
+        yield
+    finally:
+        for m, b in zip(modules, saved, strict=True):
+            m._buffers = b
+
+
+class _Bound:
+    """Binds arrays into a model's parameters and buffers for one call, then puts back what
+    was there (so a tracer never stays in the model)."""
+
+    def __init__(self, slots, arrays):
+        self.slots, self.arrays = slots, arrays
+
+    def __enter__(self):
+        self.saved = [s.data for s in self.slots]
+        for s, a in zip(self.slots, self.arrays, strict=True):
+            s.data = a
+
+    def __exit__(self, *exc):
+        for s, a in zip(self.slots, self.saved, strict=True):
+            s.data = a
+            s.grad = None
+
+
+class TrainStep:
+    """One training step of ``model`` under ``optimizer`` with ``loss`` (a function
+    ``(logits, labels) -> (mean loss, dL/dlogits)``, default softmax cross-entropy).
+
+    ``optimizer`` must hold the model's parameters, in the model's order. With ``compile=True``
+    the backend's compiler is used (`Backend.compile`; the identity where there is none):
+    `compiled` says whether one was. Raises ValueError if the optimizer's parameters are not
+    the model's.
+    """
+
+    def __init__(self, model, optimizer, loss: Callable | None = None, *, compile=False):
+        self.model, self.optimizer = model, optimizer
+        self.loss = cross_entropy if loss is None else loss
+        self.backend = model.backend
+        self.params = model.parameters()
+        self.buffers = model.buffers()
+        if len(optimizer.params) != len(self.params) or any(
+            a is not b for a, b in zip(optimizer.params, self.params, strict=False)
+        ):
+            raise ValueError("TrainStep: the optimizer must hold the model's parameters, in order")
+        self.compiled = False
+        self._run = self.function
+        if compile:
+            self._run, self.compiled = self.backend.compile(self.pure(self.function))
+
+    def pure(self, fn: Callable) -> Callable:
+        """``fn`` with the model's scratch buffers off while it runs (for tracing/capture)."""
+
+        def run(*args):
+            with scratch_off(self.model):
+                return fn(*args)
+
+        run.__name__ = getattr(fn, "__name__", "step")
+        return run
+
+    # --- the pure halves ------------------------------------------------------------------------
+    def gradients(self, params, buffers, x, labels):
+        """Forward and backward with ``params`` and ``buffers`` in the model: returns
+        ``(grads, new buffers, loss, correct)``."""
+        model = self.model
+        with _Bound(self.params, params), _Bound(self.buffers, buffers):
+            logits = model.forward(x)
+            loss, g = self.loss(logits, labels)
+            model.backward(g, need_input_grad=False)
+            grads = [p.grad for p in self.params]
+            new_buffers = [b.data for b in self.buffers]
+        return grads, new_buffers, loss, correct_count(logits, labels)
+
+    def update(self, params, opt_state, grads, lr):
+        """The optimizer's update: ``(new params, new optimizer state)``."""
+        return self.optimizer.update(params, grads, opt_state, lr)
+
+    def function(self, params, buffers, opt_state, x, labels, lr):
+        """The whole step: `gradients` then `update`."""
+        grads, buffers, loss, correct = self.gradients(params, buffers, x, labels)
+        params, opt_state = self.update(params, opt_state, grads, lr)
+        return params, buffers, opt_state, loss, correct
+
+    # --- state ------------------------------------------------------------------------------------
+    def state(self):
+        """``(params, buffers, optimizer state)`` as they are now."""
+        return (
+            [p.data for p in self.params],
+            [b.data for b in self.buffers],
+            self.optimizer.state,
+        )
+
+    def set_state(self, params, buffers, opt_state) -> None:
+        """Write arrays back into the model and the optimizer."""
+        for p, a in zip(self.params, params, strict=True):
+            p.data = a
+        for b, a in zip(self.buffers, buffers, strict=True):
+            b.data = a
+        self.optimizer.state = opt_state
+
+    def __call__(self, x, labels, lr):
+        """One update on batch ``x`` with integer ``labels`` at learning rate ``lr`` (a float or
+        a 0-d array); returns ``(loss, correct)``, 0-d arrays on the device."""
+        if not self.model.training:
+            self.model.train()
+        params, buffers, opt_state, loss, correct = self._run(*self.state(), x, labels, lr)
+        self.set_state(params, buffers, opt_state)
+        return loss, correct
+
+
+def predict_function(model, *, compile=False) -> Callable:
+    """``x -> logits`` of ``model`` in eval mode as a function of the current weights, compiled
+    by the backend when ``compile`` is true (inference benchmarks; `xpcnn.train` evaluates
+    eagerly)."""
+    slots = [*model.parameters(), *model.buffers()]
+
+    def logits(arrays, x):
+        with _Bound(slots, arrays):
+            return model.forward(x)
+
+    run, _ = model.backend.compile(logits) if compile else (logits, False)
+
+    def predict(x):
+        if model.training:
+            model.eval()
+        with scratch_off(model) if compile else contextlib.nullcontext():
+            return run([s.data for s in slots], x)
+
+    return predict
