@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+import warnings
 
+from .conv import INPUT_GRAD_METHODS
 from .trainer import DEFAULT_EPOCHS, DEFAULTS, SCHEDULES
 
 EXIT_USAGE = 2
@@ -26,6 +29,16 @@ class _UsageError(Exception):
     pass
 
 
+class _Failed(Exception):
+    """A run that finished but whose result is not usable (exit 1)."""
+
+
+def _one_line(exc):
+    """An exception's message as one line (torch and NumPy messages can span several)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text if len(text) <= 600 else text[:597] + "..."
+
+
 def _positive_int(text):
     try:
         value = int(text)
@@ -33,6 +46,16 @@ def _positive_int(text):
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
     return value
 
 
@@ -64,7 +87,12 @@ def build_parser():
         default=None,
         help=f"total epochs (default {DEFAULT_EPOCHS})",
     )
-    t.add_argument("--batch-size", type=_positive_int, default=128)
+    t.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=None,
+        help="images per step (default 128, or the checkpoint's on --resume)",
+    )
     t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
     t.add_argument(
         "--lr",
@@ -88,13 +116,19 @@ def build_parser():
         default=None,
         help="learning-rate schedule (default cosine, or the checkpoint's on --resume)",
     )
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument(
         "--input-grad",
-        choices=["dilation", "col2im"],
-        default="dilation",
-        help="how convolutions compute the input gradient",
+        choices=list(INPUT_GRAD_METHODS),
+        default=None,
+        help="how convolutions compute the input gradient (default dilation)",
+    )
+    t.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="compile the training step (default: wherever the backend can: jax, torch:cuda)",
     )
     t.add_argument("--checkpoint", default=None, help="save a checkpoint here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
@@ -107,7 +141,20 @@ def build_parser():
     t.add_argument(
         "--history", metavar="FILE.json", default=None, help="write the per-epoch history as JSON"
     )
-    t.add_argument("--no-progress", action="store_true", help="plain log lines, no progress bar")
+    shown = t.add_mutually_exclusive_group()
+    shown.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="a progress bar (default: only when stderr is a terminal)",
+    )
+    shown.add_argument(
+        "--no-progress",
+        dest="progress",
+        action="store_false",
+        help="plain log lines, no progress bar (the default for pipes and files)",
+    )
 
     e = sub.add_parser("evaluate", help="loss and accuracy of a checkpoint on a test set")
     e.add_argument("checkpoint")
@@ -186,9 +233,10 @@ def _cmd_train(args):
         seed=args.seed,
         checkpoint=args.checkpoint,
         resume=args.resume,
-        progress=not args.no_progress,
+        progress=args.progress,
         schedule=args.schedule,
         input_grad=args.input_grad,
+        compile=args.compile,
     )
     if args.history:
         with open(args.history, "w") as f:
@@ -216,9 +264,11 @@ def _cmd_evaluate(args):
 
     model, meta = load_checkpoint(args.checkpoint, device=args.device)
     r = evaluate(model, args.dataset, batch_size=args.batch_size)
+    if not (math.isfinite(r.loss) and math.isfinite(r.accuracy)):
+        raise _Failed(f"{args.checkpoint}: the loss on {args.dataset} is {r.loss} (not finite)")
     print(
-        f"{args.checkpoint}: epoch {meta['epoch']}, {r.count} test images of {args.dataset}: "
-        f"accuracy {r.accuracy:.4f}, loss {r.loss:.4f}"
+        f"{args.checkpoint}: epoch {meta.get('epoch', '?')}, {r.count} test images of "
+        f"{args.dataset}: accuracy {r.accuracy:.4f}, loss {r.loss:.4f}"
     )
     return 0
 
@@ -261,6 +311,8 @@ def _cmd_compare(args):
 
 def main(argv=None):
     """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    import numpy as np
+
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .datasets import DatasetError
@@ -268,15 +320,23 @@ def main(argv=None):
 
     try:
         args = build_parser().parse_args(argv)
-        return {
+        command = {
             "train": _cmd_train,
             "evaluate": _cmd_evaluate,
             "backends": _cmd_backends,
             "compare": _cmd_compare,
-        }[args.command](args)
+        }[args.command]
+        # Overflow warnings of a diverging run would print multi-line tracebacks; divergence is
+        # caught by the trainer's finiteness checks and reported in one line instead.
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return command(args)
     except _UsageError as exc:
-        print(exc, file=sys.stderr)
+        print(_one_line(exc), file=sys.stderr)
         return EXIT_USAGE
+    except _Failed as exc:
+        print(f"xpcnn: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_FAILED
     except (
         DatasetError,
         CheckpointError,
@@ -285,13 +345,13 @@ def main(argv=None):
         TypeError,
         OSError,
     ) as exc:
-        print(f"xpcnn: error: {exc}", file=sys.stderr)
+        print(f"xpcnn: error: {_one_line(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except TrainingDiverged as exc:
-        print(f"xpcnn: training diverged: {exc}", file=sys.stderr)
+        print(f"xpcnn: training diverged: {_one_line(exc)}", file=sys.stderr)
         return EXIT_FAILED
     except TrainingInterrupted as exc:
-        print(f"xpcnn: {exc}", file=sys.stderr)
+        print(f"xpcnn: {_one_line(exc)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("xpcnn: interrupted", file=sys.stderr)
