@@ -14,6 +14,9 @@ def pin_threads(argv=None):
         threads = int(argv[argv.index("--threads") + 1])
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
+    if threads == 1:  # JAX's CPU backend: XLA's own thread pool
+        flags = os.environ.get("XLA_FLAGS", "")
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_multi_thread_eigen=false".strip()
     return threads
 
 

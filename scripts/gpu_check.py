@@ -16,6 +16,7 @@ Exit status 1 if a test failed or a stage crashed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import math
@@ -39,7 +40,8 @@ if importlib.util.find_spec("xpcnn") is None:
 import numpy as np  # noqa: E402
 
 import xpcnn  # noqa: E402
-from xpcnn import datasets, trainer  # noqa: E402
+from xpcnn import datasets, kernels, trainer  # noqa: E402
+from xpcnn.step import TrainStep, predict_function  # noqa: E402
 
 SEED = 0
 BATCH = 128
@@ -51,8 +53,9 @@ GPU = {
     "mode": "gpu",
     "xpcnn_cupy": "cuda:0",
     "xpcnn_torch": "torch:cuda:0",
+    "xpcnn_jax": "jax:cuda:0",
     "torch_device": "cuda:0",
-    "require": "cuda:0,torch:cuda:0",
+    "require": "cuda:0,torch:cuda:0,jax:cuda:0",
     "images": 60000,
     "rounds": 5,  # timed epochs per contender, fewer if the budget runs out (at least 3 fit)
     "bench_budget_s": 130,  # training epochs, warm-up included
@@ -68,6 +71,7 @@ CPU_SMOKE = dict(
     mode="cpu-smoke",
     xpcnn_cupy="cpu",
     xpcnn_torch="torch:cpu",
+    xpcnn_jax="jax:cpu",
     torch_device="cpu",
     require="",
     images=512,
@@ -282,54 +286,64 @@ def _timed(fn, synchronize):
 
 
 class XpcnnContender:
-    """xpcnn's SimpleCNN trained by the trainer's own epoch loop, as `xpcnn.train` runs it."""
+    """xpcnn's SimpleCNN trained by `xpcnn.trainer.train_epoch` over a `TrainStep`, eager or
+    compiled (``compile``), with or without the backend's fused kernels (``hooks``)."""
 
-    def __init__(self, spec, images, labels):
-        self.label = f"xpcnn {spec}"
+    def __init__(self, spec, images, labels, compile=False, hooks=True):
         self.backend = b = xpcnn.get_backend(spec)
         self.model = xpcnn.SimpleCNN(seed=SEED, device=spec)
-        self.opt = xpcnn.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        opt = xpcnn.optim.SGD(self.model.parameters(), lr=LR, momentum=MOMENTUM)
+        self.step = TrainStep(self.model, opt, compile=compile)
+        self.hooks = hooks
+        how = "compiled" if self.step.compiled else "eager"
+        self.label = f"xpcnn {spec} {how}" + ("" if hooks else " no hooks")
         self.data = trainer.DeviceData(b, images, labels)
         self.sync = trainer.HostSync()
-        self.runner = self._runner(self.data)
+        self.predict = None
 
-    def _runner(self, data):
-        constant = trainer.SCHEDULES["constant"]
-        return trainer._EpochRunner(
-            self.model, self.opt, data, BATCH, self.sync, False, 10**9, constant
-        )
+    @contextlib.contextmanager
+    def _hooks(self):
+        """Without ``hooks``, the backend's fused kernels are off for the duration."""
+        xp = self.backend.xp
+        saved = {n: kernels.hook(xp, n) for n in kernels.registered(xp)}
+        if not self.hooks:
+            kernels.unregister(xp)
+        try:
+            yield
+        finally:
+            for name, fn in saved.items():
+                kernels.register(xp, name, fn)
 
     def synchronize(self):
         self.backend.synchronize()
 
+    def _epoch(self, order, limit):
+        deadline = _Deadline(limit)
+        stop = lambda: deadline.set  # noqa: E731
+        return trainer.train_epoch(
+            self.step, self.data, order, BATCH, LR, sync=self.sync, stop=stop
+        )
+
     def epoch(self, index, order, limit):
         """Seconds, mean training loss, host read-backs and the fraction done of one epoch in
         ``order``; stopped after ``limit`` seconds."""
-        b, run = self.backend, self.runner
-        with b.activate():
+        b = self.backend
+        with b.activate(), self._hooks():
             order = b.asarray(order, "int64")
             before = self.sync.count
-            seconds, row = _timed(
-                lambda: run(index, order, (0, None), _Deadline(limit)), self.synchronize
-            )
-        syncs = self.sync.count - before
-        if row is None:  # stopped at the deadline
-            seen = min(run.step * BATCH, self.data.count)
-            return seconds, run.partial["loss_sum"] / seen, syncs, run.step / run.steps
-        if not isinstance(row, dict):
-            raise RuntimeError(f"{self.label}: epoch ended with {row!r}")
-        return seconds, row["train_loss"], syncs, 1.0
+            seconds, (loss, _, seen) = _timed(lambda: self._epoch(order, limit), self.synchronize)
+        return seconds, loss, self.sync.count - before, seen / self.data.count
 
     def prepare_inference(self, batches):
         with self.backend.activate():
             self.batches = [self.backend.asarray(x, "float32") for x in batches]
+        self.predict = predict_function(self.model, compile=self.step.compiled)
 
     def infer(self):
-        self.model.eval()
         try:
-            with self.backend.activate():
+            with self.backend.activate(), self._hooks():
                 for x in self.batches:
-                    self.model(x)
+                    self.predict(x)
         finally:
             self.model.train()
 
@@ -339,7 +353,6 @@ class XpcnnContender:
         import torch
 
         data = trainer.DeviceData(self.backend, images[: steps * BATCH], labels[: steps * BATCH])
-        runner = self._runner(data)
         order = self.backend.asarray(np.arange(data.count), "int64")
         self.synchronize()
         before = self.sync.count
@@ -347,11 +360,12 @@ class XpcnnContender:
         try:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                runner(0, order, (0, None), _Deadline(60))
+                trainer.train_epoch(self.step, data, order, BATCH, LR, sync=self.sync)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         events = [w for w in caught if "synchroniz" in str(w.message).lower()]
         return {
+            "contender": self.label,
             "steps": steps,
             "sync_events": len(events),
             "host_sync_reads": self.sync.count - before,
@@ -467,7 +481,10 @@ def run_benchmark(cfg, budget_s):
     say(f"data: {source}; {n} images, batch {BATCH}, SGD lr {LR} momentum {MOMENTUM} constant")
     makers = {
         "xpcnn-cupy": lambda: XpcnnContender(cfg["xpcnn_cupy"], images, labels),
+        "xpcnn-cupy-plain": lambda: XpcnnContender(cfg["xpcnn_cupy"], images, labels, hooks=False),
         "xpcnn-torch": lambda: XpcnnContender(cfg["xpcnn_torch"], images, labels),
+        "xpcnn-torch-graph": lambda: XpcnnContender(cfg["xpcnn_torch"], images, labels, True),
+        "xpcnn-jax": lambda: XpcnnContender(cfg["xpcnn_jax"], images, labels, True),
         "torch-nn": lambda: TorchContender(cfg["torch_device"], images, labels),
     }
     contenders = {}
@@ -533,7 +550,7 @@ def _ratios(entries):
     if "torch-nn" not in entries:
         return ratios
     ref = {i: r["seconds"] for i, r in enumerate(entries["torch-nn"]["rounds"]) if not r["warmup"]}
-    for key in ("xpcnn-cupy", "xpcnn-torch"):
+    for key in [k for k in entries if k.startswith("xpcnn")]:
         if key in entries:
             rounds = entries[key]["rounds"]
             per = [r["seconds"] / ref[i] for i, r in enumerate(rounds) if i in ref]
@@ -595,6 +612,32 @@ def run_accuracy(cfg):
         "host_syncs": res.host_syncs,
         "note": "" if not kwargs else "--cpu-smoke: fewer epochs and images than the defaults",
     }
+
+
+def cupy_capture_probe():
+    """Whether this CuPy can capture an elementwise kernel and a matrix product in a CUDA graph
+    (it refused cuBLAS during capture up to at least 14.x: cupy/cupy#6290)."""
+    import cupy
+
+    out = {}
+    a = cupy.ones((64, 64), dtype=cupy.float32)
+    for name, fn in (("elementwise", lambda: a * 2 + 1), ("matmul", lambda: a @ a)):
+        stream = cupy.cuda.Stream(non_blocking=True)
+        try:
+            with stream:
+                fn()  # warm-up outside capture
+                stream.begin_capture()
+                try:
+                    fn()
+                finally:
+                    graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+            out[name] = "captured and replayed"
+        except Exception as exc:
+            out[name] = f"refused: {type(exc).__name__}: {str(exc)[:160]}"
+    say(json.dumps(out))
+    return out
 
 
 def _error(exc):
@@ -670,11 +713,10 @@ def summary_table(report):
         for key, value in b["ratios"].items():
             num, den = (labels[k] for k in key.split("/"))
             lines.append(f"{'epoch time ratio':<18}{num} / {den}: {value:.2f} (median over rounds)")
-        probe = b.get("sync_probe")
-        if probe:
+        for probe in b.get("sync_probe") or []:
             lines.append(
                 f"{'torch sync debug':<18}{probe['sync_events']} synchronising calls in "
-                f"{probe['steps']} steps of xpcnn torch CUDA, {probe['host_sync_reads']} "
+                f"{probe['steps']} steps of {probe['contender']}, {probe['host_sync_reads']} "
                 "HostSync read(s), one transfer each"
             )
     a = report.get("accuracy")
@@ -726,6 +768,9 @@ def main(argv=None):
         if report["tests"] and not tests_ok(report["tests"], cfg):
             report["stages"]["tests"] = "FAILED"
 
+    if cfg["mode"] == "gpu":
+        report["cupy_capture"] = stage("cupy capture probe", cupy_capture_probe)
+
     left = TOTAL_BUDGET_S - (time.perf_counter() - t0)
     budget = max(10.0, min(cfg["bench_budget_s"], left - 60))
     bench = stage("benchmark", lambda: run_benchmark(cfg, budget))
@@ -734,10 +779,12 @@ def main(argv=None):
         report["benchmark"], contenders, images, labels = bench
         if report["benchmark"]["errors"]:
             report["stages"]["benchmark"] = "FAILED: " + "; ".join(report["benchmark"]["errors"])
-        probe = contenders.get("xpcnn-torch")
-        if probe is not None and probe.backend.device.type == "cuda":
+        probes = [contenders.get(k) for k in ("xpcnn-torch", "xpcnn-torch-graph")]
+        probes = [c for c in probes if c is not None and c.backend.device.type == "cuda"]
+        if probes:
             report["benchmark"]["sync_probe"] = stage(
-                "sync probe", lambda: probe.probe_syncs(images, labels, cfg["sync_probe_steps"])
+                "sync probe",
+                lambda: [c.probe_syncs(images, labels, cfg["sync_probe_steps"]) for c in probes],
             )
         report["inference"] = stage("inference", lambda: run_inference(cfg, contenders, images))
         if report["inference"] and report["inference"]["errors"]:

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "gpu_check.py"
-CONTENDERS = ("xpcnn-cupy", "xpcnn-torch", "torch-nn")
+CONTENDERS = (
+    "xpcnn-cupy",
+    "xpcnn-cupy-plain",
+    "xpcnn-torch",
+    "xpcnn-torch-graph",
+    "xpcnn-jax",
+    "torch-nn",
+)
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +65,7 @@ def test_cpu_smoke_prints_the_table_last_and_writes_json(tmp_path):
     # same initial weights and batch order: the three trainings agree
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert losses[0] == pytest.approx(losses[2], rel=1e-4)
-    assert set(bench["ratios"]) == {"xpcnn-cupy/torch-nn", "xpcnn-torch/torch-nn"}
+    assert set(bench["ratios"]) == {f"{k}/torch-nn" for k in CONTENDERS if k != "torch-nn"}
     for key in CONTENDERS:
         assert report["inference"]["results"][key]["images_per_s"] > 0
     assert 0 <= report["accuracy"]["test_accuracy"] <= 1

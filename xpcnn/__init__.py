@@ -9,7 +9,7 @@ from .backends import BackendUnavailable, available_backends, get_backend, regis
 from .nn import SimpleCNN
 from .trainer import evaluate, load_checkpoint, train
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "BackendUnavailable",
