@@ -7,6 +7,7 @@ them larger:
     python tests/hostile.py --idx FILE --flips 10000 --truncations 2000
     python tests/hostile.py --variants              # hand-made metadata, zip and .npy variants
     python tests/hostile.py --gzip-bomb DIR         # write the gzip bomb of issue 9, time its load
+    python tests/hostile.py --kill-saves 100        # kill -9 during back-to-back saves
 
 Without --checkpoint, a realistic checkpoint (SimpleCNN weights and momentum buffers) is made.
 Each run prints a tally of outcomes per region of the file and exits 1 if any outcome is not the
@@ -713,6 +714,100 @@ def measure_load(directory) -> dict:
     }
 
 
+# --- kill -9 during saves --------------------------------------------------------------------
+
+
+def link_empty_path(fd: int, directory: str) -> str:
+    """Link the unnamed file ``fd`` into ``directory`` with ``linkat(AT_EMPTY_PATH)`` (Linux,
+    needs CAP_DAC_READ_SEARCH): what `xpcnn.checkpoint` does through ``/proc/self/fd`` on a
+    usual kernel, for sandboxes that refuse that link (EXDEV), so the unnamed path can still be
+    exercised there."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    while True:
+        name = ckpt._tmp_name(directory)
+        if libc.linkat(fd, b"", -100, os.fsencode(name), 0x1000) == 0:  # AT_FDCWD, AT_EMPTY_PATH
+            return name
+        err = ctypes.get_errno()
+        if err != 17:  # EEXIST: try another name
+            raise OSError(err, os.strerror(err), name)
+
+
+SAVER = """
+import itertools, sys
+sys.path[:0] = sys.argv[4:6]
+import hostile
+from xpcnn import checkpoint as ckpt
+if sys.argv[2] == "named":
+    ckpt._open_unnamed = lambda directory: None
+if sys.argv[3] == "empty-path":
+    ckpt._link_unnamed = hostile.link_empty_path
+arrays, meta = ckpt.load(sys.argv[6])
+print("saving", flush=True)
+for epoch in itertools.count():
+    ckpt.save(sys.argv[1], arrays, dict(meta, epoch=epoch))
+"""
+
+
+def kill_during_saves(directory, kills: int, *, named=False, link="proc", seed=0) -> dict:
+    """Save a realistic checkpoint back to back in a child process and ``kill -9`` it at a
+    random moment, ``kills`` times. After each kill the checkpoint must load and at most one
+    temporary file may be there (each save removes what the last killed one left); at the end
+    one more write must leave no temporary file. Returns the counts."""
+    import random
+    import signal
+    import subprocess
+
+    directory = pathlib.Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    source = directory / "source.ckpt"
+    realistic_checkpoint(source)
+    work = directory / "run"
+    work.mkdir(exist_ok=True)
+    target = work / "run.ckpt"
+    here = pathlib.Path(__file__).resolve().parent
+    paths = [str(here), str(here.parent)]
+    rng = random.Random(seed)
+    left, intact = [], 0
+    for _ in range(kills):
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SAVER,
+                str(target),
+                "named" if named else "unnamed",
+                link,
+                *paths,
+                str(source),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        proc.stdout.readline()
+        time.sleep(rng.uniform(0.01, 0.3))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stdout.close()
+        left.append(len([n for n in os.listdir(work) if n.startswith(ckpt.TMP_PREFIX)]))
+        try:
+            ckpt.load(target)
+            intact += 1
+        except ckpt.CheckpointError:
+            pass
+    ckpt.atomic_write(work / "other", lambda f: f.write(b"x"))
+    return {
+        "kills": kills,
+        "checkpoint loaded after the kill": intact,
+        "kills that left a temporary file": sum(1 for n in left if n),
+        "most temporary files at once": max(left, default=0),
+        "temporary files after one more write": sum(
+            1 for n in os.listdir(work) if n.startswith(ckpt.TMP_PREFIX)
+        ),
+    }
+
+
 # --- command line ----------------------------------------------------------------------------
 
 
@@ -740,6 +835,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--variants", action="store_true", help="run the hand-made variants")
     parser.add_argument("--gzip-bomb", metavar="DIR", help="write issue 9's bomb, time its load")
+    parser.add_argument("--kill-saves", type=int, metavar="N", help="kill -9 N back-to-back saves")
+    parser.add_argument("--named", action="store_true", help="with --kill-saves: no O_TMPFILE")
+    parser.add_argument(
+        "--link",
+        choices=["proc", "empty-path"],
+        default="proc",
+        help="with --kill-saves: link unnamed files through /proc (xpcnn's way) or with "
+        "linkat(AT_EMPTY_PATH) (root; for sandboxes that refuse the /proc link)",
+    )
     args = parser.parse_args(argv)
     ok = True
     with tempfile.TemporaryDirectory() as tmp:
@@ -757,6 +861,17 @@ def main(argv=None) -> int:
                 "MiB after"
             )
             ok &= m["outcome"].startswith("DatasetError") and m["seconds"] < 1
+        if args.kill_saves:
+            counts = kill_during_saves(
+                pathlib.Path(tmp) / "kills", args.kill_saves, named=args.named, link=args.link
+            )
+            mode = "named temporary files" if args.named else f"O_TMPFILE, {args.link} link"
+            print(f"kill -9 during back-to-back saves ({mode})")
+            for key, value in counts.items():
+                print(f"  {key:40} {value:6}")
+            ok &= counts["checkpoint loaded after the kill"] == args.kill_saves
+            ok &= counts["most temporary files at once"] <= 1
+            ok &= counts["temporary files after one more write"] == 0
         if args.variants:
             tally = collections.Counter()
             for i, (label, data, expected) in enumerate(variants()):
@@ -781,7 +896,7 @@ def main(argv=None) -> int:
             tally = run_flips(path, regions, args.flips, args.seed, outcome)
             tally += run_truncations(path, args.truncations, args.seed, outcome)
             ok &= print_tally(f"{args.idx}: byte flips and truncations", tally)
-        if args.checkpoint or not (args.idx or args.variants or args.gzip_bomb):
+        if args.checkpoint or not (args.idx or args.variants or args.gzip_bomb or args.kill_saves):
             path = pathlib.Path(tmp) / "c.ckpt"
             if args.checkpoint:
                 path.write_bytes(pathlib.Path(args.checkpoint).read_bytes())

@@ -18,7 +18,11 @@ import pytest
 import xpcnn
 from xpcnn import checkpoint as ckpt
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+sys.path.insert(0, TESTS)
+
+import hostile  # noqa: E402
 
 
 def _arrays(rng):
@@ -339,21 +343,44 @@ def test_check_fields():
 
 # --- atomic writes ---------------------------------------------------------------------------
 
+# Some sandboxes refuse the link through /proc/self/fd that puts an O_TMPFILE file in place
+# (the machine these tests were written on answers EXDEV); there, where we may, the tests link
+# with linkat's AT_EMPTY_PATH instead (hostile.link_empty_path), which is what the /proc link
+# does on a usual kernel, so that the unnamed path is still exercised end to end.
+_link_empty_path = hostile.link_empty_path
 
-def _unnamed_supported(directory):
-    fd = ckpt._open_unnamed(str(directory))
-    if fd is None:
-        return False
-    os.close(fd)
-    return True
+
+def _linker(directory):
+    """How unnamed files get linked in ``directory``: "proc" (the module's own way), "empty-path"
+    (the tests' stand-in, see above), or None (no O_TMPFILE, or no way to link it)."""
+    for kind, link in (("proc", ckpt._link_unnamed), ("empty-path", _link_empty_path)):
+        fd = ckpt._open_unnamed(str(directory))
+        if fd is None:
+            return None
+        try:
+            os.unlink(link(fd, str(directory)))
+            return kind
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_link_cache(monkeypatch):
+    monkeypatch.setattr(ckpt, "_NO_LINK", set())
 
 
 @pytest.fixture(params=["unnamed", "named"])
 def tmp_mode(request, monkeypatch, tmp_path):
-    """Run a test with O_TMPFILE (skipped where unsupported) and with the named fallback."""
+    """Run a test with O_TMPFILE (skipped where it cannot be linked) and the named fallback."""
     if request.param == "unnamed":
-        if not _unnamed_supported(tmp_path):
-            pytest.skip("O_TMPFILE is not supported here")
+        linker = _linker(tmp_path)
+        if linker is None:
+            pytest.skip("no O_TMPFILE, or no way to link it here")
+        if linker == "empty-path":
+            monkeypatch.setattr(ckpt, "_link_unnamed", _link_empty_path)
     else:
         monkeypatch.setattr(ckpt, "_open_unnamed", lambda directory: None)
     return request.param
@@ -361,9 +388,12 @@ def tmp_mode(request, monkeypatch, tmp_path):
 
 def test_temporary_file_while_writing(tmp_path, tmp_mode):
     seen = []
-    ckpt.atomic_write(
-        tmp_path / "out", lambda f: (f.write(b"data"), seen.append(os.listdir(tmp_path)))
-    )
+
+    def write(f):
+        f.write(b"data")
+        seen.append(os.listdir(tmp_path))
+
+    ckpt.atomic_write(tmp_path / "out", write)
     if tmp_mode == "unnamed":
         assert seen == [[]]  # nothing in the directory until the file is complete
     else:
@@ -399,24 +429,40 @@ def test_failed_write_leaves_previous_file_intact(tmp_path, rng, monkeypatch, tm
     assert os.listdir(tmp_path) == ["a.ckpt"]  # no temporary file left behind
 
 
-def test_link_failure_falls_back_to_a_copy(tmp_path, monkeypatch):
-    if not _unnamed_supported(tmp_path):
-        pytest.skip("O_TMPFILE is not supported here")
+def test_refused_link_falls_back_to_a_copy_then_to_named_files(tmp_path, monkeypatch):
+    if ckpt._open_unnamed(str(tmp_path)) is None:
+        pytest.skip("no O_TMPFILE here")
 
-    def no_proc(fd, directory):
-        raise FileNotFoundError("no /proc")
+    def refused(fd, directory):
+        raise OSError(18, "Invalid cross-device link")
 
-    monkeypatch.setattr(ckpt, "_link_unnamed", no_proc)
+    monkeypatch.setattr(ckpt, "_link_unnamed", refused)
+    seen = []
+
+    def write(data):
+        def writer(f):
+            f.write(data)
+            seen.append(os.listdir(tmp_path))
+
+        return writer
+
     data = os.urandom(3 * 2**20 + 5)
-    ckpt.atomic_write(tmp_path / "out", lambda f: f.write(data))
+    ckpt.atomic_write(tmp_path / "out", write(data))  # unnamed, then copied
     assert (tmp_path / "out").read_bytes() == data
+    ckpt.atomic_write(tmp_path / "out", write(b"again"))  # named from the start
+    assert (tmp_path / "out").read_bytes() == b"again"
+    assert seen[0] == []  # unnamed while written
+    assert len(seen[1]) == 2 and any(n.startswith(ckpt.TMP_PREFIX) for n in seen[1])
     assert os.listdir(tmp_path) == ["out"]
 
 
 KILLED_WRITER = """
 import os, sys, time
+import hostile
 from xpcnn import checkpoint as ckpt
-path, mode = sys.argv[1], sys.argv[2]
+path, mode, linker = sys.argv[1:4]
+if linker == "empty-path":
+    ckpt._link_unnamed = hostile.link_empty_path
 if mode == "named":
     ckpt._open_unnamed = lambda directory: None
 if mode == "linked":  # stop between link and rename, the one window O_TMPFILE leaves
@@ -434,10 +480,11 @@ ckpt.atomic_write(path, write)
 """
 
 
-def _killed_during_write(path, mode):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+def _killed_during_write(path, mode, linker):
+    paths = os.pathsep.join([TESTS, ROOT, os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=paths)
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILLED_WRITER, str(path), mode],
+        [sys.executable, "-c", KILLED_WRITER, str(path), mode, str(linker)],
         stdout=subprocess.PIPE,
         env=env,
         text=True,
@@ -455,11 +502,12 @@ def _killed_during_write(path, mode):
 def test_kill_9_during_a_save(tmp_path, mode):
     """kill -9 mid-save: the old file is intact; with O_TMPFILE nothing is left; a temporary
     file left between link and rename, or by the named fallback, is removed by the next write."""
-    if mode != "named" and not _unnamed_supported(tmp_path):
-        pytest.skip("O_TMPFILE is not supported here")
+    linker = _linker(tmp_path)
+    if mode != "named" and linker is None:
+        pytest.skip("no O_TMPFILE, or no way to link it here")
     path = tmp_path / "a.ckpt"
     path.write_bytes(b"old")
-    pid = _killed_during_write(path, mode)
+    pid = _killed_during_write(path, mode, linker)
     assert path.read_bytes() == b"old"
     left = sorted(set(os.listdir(tmp_path)) - {"a.ckpt"})
     if mode == "unnamed":
@@ -503,8 +551,9 @@ def test_stale_cleanup_spares_what_is_not_stale(tmp_path):
         removed = ckpt._remove_stale(str(tmp_path))
     assert removed == [names["dead"]]
     left = set(os.listdir(tmp_path))
-    assert names["dead"] not in left
     assert left == set(names.values()) - {names["dead"]} | {f"{ckpt.TMP_PREFIX}{dead}-dir"}
+    ckpt.check_writable(tmp_path / "a.ckpt")  # also cleans up: now the lock is released
+    assert names["locked"] not in os.listdir(tmp_path)
 
 
 # --- the writability check -------------------------------------------------------------------

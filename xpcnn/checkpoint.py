@@ -273,6 +273,11 @@ def _open_unnamed(directory: str) -> int | None:
     return fd
 
 
+#: Devices (``st_dev``) where an unnamed file could not be linked into place (some sandboxes
+#: refuse links through ``/proc/self/fd``): later writes there use a named file from the start.
+_NO_LINK: set[int] = set()
+
+
 def _link_unnamed(fd: int, directory: str) -> str:
     """Give the unnamed file ``fd`` a temporary name of our naming; returns it."""
     while True:
@@ -289,16 +294,20 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
     ``path``, so that a crash, ``kill -9`` or Ctrl-C at any moment leaves either the old file or
     the complete new one, never a mix.
 
-    On Linux the temporary file is unnamed (``O_TMPFILE``) until it is complete, so a crash
-    leaves nothing behind; elsewhere it is named ``.xpcnn-tmp-<pid>-<random>``, removed on
-    failure, and a later write into the same directory removes any a killed process left.
+    On Linux the temporary file is unnamed (``O_TMPFILE``) until it is complete, then linked
+    in through ``/proc/self/fd`` and renamed, so a crash leaves nothing behind except in the
+    instant between link and rename. Elsewhere (and where the link is refused) it is named
+    ``.xpcnn-tmp-<pid>-<random>`` from the start and removed on failure. Any such file that a
+    killed process left is removed by the next `atomic_write` or `check_writable` in the same
+    directory.
     The new file gets the usual permissions, 0666 minus the umask.
     """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     _remove_stale(directory)
-    fd = _open_unnamed(directory)
+    device = os.stat(directory).st_dev
+    fd = None if device in _NO_LINK else _open_unnamed(directory)
     tmp = None
     if fd is None:
         fd, tmp = _open_named(directory)
@@ -310,7 +319,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], Any]) -> 
         if tmp is None:
             try:
                 tmp = _link_unnamed(fd, directory)
-            except OSError:  # e.g. no /proc: copy into a named file instead
+            except OSError:  # /proc refused the link: copy into a named file, this once
+                _NO_LINK.add(device)
                 tmp = _copy_to_named(fd, directory)
         os.replace(tmp, path)
         tmp = None

@@ -274,7 +274,7 @@ class _Gunzip:
         return b""
 
     def read_up_to(self, n: int) -> bytes:
-        """Exactly ``n`` bytes, fewer only at the end of the data."""
+        """``n`` bytes, fewer only at the end of the data."""
         parts, got = [], 0
         while got < n:
             out = self.read(n - got)
@@ -380,7 +380,13 @@ class _IdxFile:
         """The error for gzip data that ended early or broke; names the ISIZE trailer when it
         disagreed with the header, as it does for a single-member file cut or altered."""
         dims = getattr(self, "dims", None)
-        if dims is not None and self.gz.members == 1 and self.isize != self.expected % 2**32:
+        gz = self.gz
+        if (
+            dims is not None
+            and gz is not None
+            and gz.members == 1
+            and self.isize != self.expected % 2**32
+        ):
             return _fail(
                 self.path,
                 f"expected {self.expected} bytes from the header ({_describe(dims)}), but the "
