@@ -10,10 +10,10 @@ malformed with a `CheckpointError` whose message starts with the file's path:
    declared sizes must fit in the file;
 2. the metadata entry (at most `MAX_META_BYTES`, JSON nested at most `MAX_JSON_DEPTH` deep): its
    format, version and table of arrays (shape, dtype, SHA-256 per entry) are type-checked;
-3. every ``.npy`` header (parsed here, never ``eval``-ed): numeric dtype, C order, and a shape
-   whose size is exactly what the zip directory says the member holds; the table must name the
-   same entries with the same shapes and dtypes, and their total size must be at most
-   ``max_bytes`` (default `MAX_BYTES`);
+3. every ``.npy`` header (read as a literal with ``ast.literal_eval``, never run): numeric
+   dtype, C order, and a shape whose size is exactly what the zip directory says the member
+   holds; the table must name the same entries with the same shapes and dtypes, and their total
+   size must be at most ``max_bytes`` (default `MAX_BYTES`);
 4. only then the array bytes, each checked against its SHA-256.
 
 So a damaged or hostile file cannot make the loader allocate more than it holds, run code, or
@@ -813,9 +813,15 @@ __all__ = [
     "FORMAT",
     "KINDS",
     "MAX_BYTES",
+    "MAX_DIRECTORY_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_MEMBERS",
     "MAX_META_BYTES",
+    "MAX_NAME",
+    "MAX_NDIM",
+    "MAX_NPY_HEADER",
     "SUPPORTED_VERSIONS",
+    "TMP_PREFIX",
     "VERSION",
     "CheckpointError",
     "atomic_write",
