@@ -6,6 +6,7 @@ a header that claims more data than the file can hold before allocating anything
 
 import gzip
 import hashlib
+import os
 import pathlib
 import random
 import re
@@ -151,11 +152,16 @@ def test_trailing_bytes_raw(tmp_path):
 
 def test_trailing_bytes_gzip(tmp_path):
     data = idx_bytes(random_images(3))
-    # One byte too many, with ISIZE set to the header's size so that only reading shows it.
+    # One byte too many, in the same member or in a second one.
+    path = write(tmp_path / "x.gz", gz(data + b"\x00"))
+    assert_refused(path, "trailing bytes")
+    path = write(tmp_path / "y.gz", gz(data) + gz(b"\x00"))
+    assert_refused(path, "trailing bytes")
+    # ISIZE forged to the header's size: zlib's length check refuses the member.
     compressed = bytearray(gz(data + b"\x00"))
     compressed[-4:] = struct.pack("<I", len(data))
-    path = write(tmp_path / "x.gz", bytes(compressed))
-    assert_refused(path, "trailing bytes")
+    path = write(tmp_path / "z.gz", bytes(compressed))
+    assert_refused(path, "corrupt", "incorrect length check")
 
 
 def test_truncated_gzip(tmp_path):
@@ -265,6 +271,98 @@ def test_huge_header_gzip_within_ratio(tmp_path, no_big_allocation):
     dims = (1000, 10, 10)
     path = write(tmp_path / "x.gz", gz(idx_header(dims) + random.Random(0).randbytes(5000)))
     assert_refused(path, "trailer")
+
+
+# --- multi-member gzip, bounded decompression ------------------------------------------------
+
+
+@pytest.mark.parametrize("cut", [2, 16, 17, 50, 60])
+def test_multi_member_gzip(tmp_path, cut):
+    """Two (or more) gzip members concatenated, as gzip.open reads them: the ISIZE trailer then
+    describes only the last member, so it cannot be a reason to refuse."""
+    images = random_images(3)
+    data = idx_bytes(images)
+    path = write(tmp_path / "x.gz", gz(data[:cut]) + gz(data[cut:]))
+    assert gzip.open(path).read() == data
+    np.testing.assert_array_equal(read_idx(path, ndim=3), images)
+    # With zero padding after the members, and an empty member, as gzip.open also accepts.
+    path = write(tmp_path / "y.gz", gz(data[:cut]) + gz(b"") + gz(data[cut:]) + b"\0" * 7)
+    assert gzip.open(path).read() == data
+    np.testing.assert_array_equal(read_idx(path, ndim=3), images)
+
+
+def test_multi_member_gzip_directory(tmp_path):
+    arrays = make_dir(tmp_path)
+    data = idx_bytes(arrays["train_images"])
+    write(tmp_path / (STEMS["train_images"] + ".gz"), gz(data[:10]) + gz(data[10:]))
+    (tmp_path / STEMS["train_images"]).unlink()
+    np.testing.assert_array_equal(load_directory(tmp_path).train_images, arrays["train_images"])
+
+
+def test_multi_member_gzip_errors(tmp_path):
+    data = idx_bytes(random_images(3))
+    path = write(tmp_path / "garbage.gz", gz(data[:20]) + gz(data[20:]) + b"junk")
+    assert_refused(path, "corrupt", "not gzip data")
+    second = bytearray(gz(data[20:]))
+    second[-8] ^= 1  # the second member's CRC
+    path = write(tmp_path / "crc.gz", gz(data[:20]) + bytes(second))
+    assert_refused(path, "corrupt", "incorrect data check")
+    path = write(tmp_path / "short.gz", gz(data[:20]) + gz(data[20:-1]))
+    assert_refused(path, "truncated")
+
+
+def test_idx_shape_reads_only_the_header(tmp_path, no_big_allocation):
+    # The header claims 100016 bytes, the data holds 5016: only reading the data shows it.
+    dims = (1000, 10, 10)
+    path = write(tmp_path / "x.gz", gz(idx_header(dims) + random.Random(0).randbytes(5000)))
+    assert datasets.idx_shape(path, ndim=3) == dims
+    assert_refused(path, "trailer", "decompressed 5016 (truncated)")
+    with pytest.raises(DatasetError, match="has 3 dimensions, expected 1"):
+        datasets.idx_shape(path, ndim=1)
+
+
+def test_headers_are_cross_checked_before_any_data(tmp_path, monkeypatch):
+    """A count mismatch is found from the four headers alone: no data is read."""
+    make_dir(tmp_path, gzipped=True)
+    write(tmp_path / (STEMS["train_labels"] + ".gz"), gz(idx_bytes(random_labels(5))))
+    reads = []
+    real = datasets._IdxFile.read
+    monkeypatch.setattr(datasets._IdxFile, "read", lambda self: reads.append(self) or real(self))
+    with pytest.raises(DatasetError, match="6 images but .* 5 labels"):
+        load_directory(tmp_path)
+    assert reads == []
+
+
+# --- what is not a regular file --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["dev-zero", "fifo", "directory"])
+def test_not_a_regular_file(tmp_path, kind):
+    make_dir(tmp_path)
+    path = tmp_path / STEMS["train_images"]
+    path.unlink()
+    expected = {"dev-zero": "a character device", "fifo": "a FIFO", "directory": "a directory"}
+    if kind == "dev-zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path.mkdir()
+    with pytest.raises(DatasetError) as info:
+        load_directory(tmp_path)  # found, not "missing"; and a FIFO does not block
+    assert not isinstance(info.value, DatasetNotFound)
+    assert str(info.value) == f"{path}: not a regular file ({expected[kind]})"
+    with pytest.raises(DatasetError, match="not a regular file"):
+        read_idx(path)
+
+
+def test_broken_symlink(tmp_path):
+    make_dir(tmp_path)
+    path = tmp_path / STEMS["test_labels"]
+    path.unlink()
+    path.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(DatasetError, match=f"{path}: broken symbolic link"):
+        load_directory(tmp_path)
 
 
 # --- directories -----------------------------------------------------------------------------
@@ -483,3 +581,103 @@ def test_system_fashion_mnist(monkeypatch):
     assert ds.test_images.shape == (10000, 28, 28)
     assert np.bincount(ds.test_labels, minlength=10).tolist() == [1000] * 10
     assert ds.class_names[0] == "T-shirt/top"
+
+
+# --- Dataset construction ---------------------------------------------------------------------
+
+
+def small_dataset(**changes):
+    fields = dict(
+        name="toy",
+        train_images=random_images(6),
+        train_labels=random_labels(6),
+        test_images=random_images(3, seed=1),
+        test_labels=random_labels(3, seed=1),
+        source="memory",
+    )
+    fields.update(changes)
+    return datasets.Dataset(**fields)
+
+
+def test_dataset_accepts_valid_data():
+    ds = small_dataset(num_classes=10, class_names=list("abcdefghij"))
+    assert ds.class_names == tuple("abcdefghij")  # normalized to a tuple
+    # Empty splits are allowed to exist (the trainer refuses an empty training split).
+    empty = small_dataset(
+        train_images=np.zeros((0, 4, 5), np.uint8), train_labels=np.zeros(0, np.uint8)
+    )
+    assert len(empty.train_labels) == 0
+    small_dataset(test_images=np.zeros((0, 4, 5), np.uint8), test_labels=np.zeros(0, np.uint8))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        (
+            {"train_labels": np.array([0, 1, 2, 3, 4, 200], np.uint8)},
+            "train label 200 at index 5 is not below num_classes=10",
+        ),
+        (
+            {
+                "train_labels": np.array([0, 1, 2, 3, 4, 4], np.uint8),
+                "test_labels": np.array([0, 5, 9], np.uint8),
+                "num_classes": 5,
+                "class_names": tuple("abcde"),
+            },
+            "test label 5 at index 1 is not below num_classes=5",
+        ),
+        (
+            {"train_labels": random_labels(6).astype(np.int64)},
+            "train_labels must be a NumPy uint8 array, got a int64 array",
+        ),
+        ({"test_images": [[[0]]]}, "test_images must be a NumPy uint8 array, got a builtins.list"),
+        (
+            {"train_images": random_images(6)[:, :, :, None]},
+            "train_images must have shape (N, H, W)",
+        ),
+        ({"test_labels": random_labels(3)[:, None]}, "test_labels must have shape (N,)"),
+        ({"train_labels": random_labels(5)}, "train split has 6 images but 5 labels"),
+        ({"test_images": random_images(3, 5, 4)}, "training images are 4x5, test images 5x4"),
+        (
+            {
+                "train_images": np.zeros((6, 0, 5), np.uint8),
+                "test_images": np.zeros((3, 0, 5), np.uint8),
+            },
+            "images are 0x5, need at least 1x1",
+        ),
+        ({"num_classes": 0, "class_names": ()}, "num_classes must be a positive integer, got 0"),
+        ({"num_classes": True}, "num_classes must be a positive integer, got True"),
+        ({"num_classes": 10.0}, "num_classes must be a positive integer"),
+        ({"class_names": ("a", "b")}, "2 class_names for num_classes=10"),
+        ({"class_names": "0123456789"}, "class_names must be a tuple of strings"),
+        ({"class_names": tuple(range(10))}, "class_names must be a tuple of strings"),
+    ],
+)
+def test_dataset_refuses_invalid_data(changes, message):
+    with pytest.raises(DatasetError) as info:
+        small_dataset(**changes)
+    assert str(info.value).startswith("dataset 'toy': ")
+    assert message in str(info.value)
+
+
+def test_labels_digest():
+    ds = small_dataset()
+    digest = datasets.labels_digest(ds)
+    assert len(digest) == 64 and int(digest, 16) >= 0
+    # The same data gives the same digest, whatever the name or source.
+    same = small_dataset(name="other", source="elsewhere", train_images=random_images(6, seed=9))
+    assert datasets.labels_digest(same) == digest
+    changed = [
+        small_dataset(train_labels=np.roll(random_labels(6), 1)),  # another order
+        small_dataset(test_labels=np.array([1, 2, 3], np.uint8)),
+        small_dataset(train_images=random_images(6, 5, 4), test_images=random_images(3, 5, 4)),
+        small_dataset(  # the same labels, split differently
+            train_images=random_images(5),
+            train_labels=random_labels(6)[:5],
+            test_images=random_images(4),
+            test_labels=np.concatenate([random_labels(6)[5:], random_labels(3, seed=1)]),
+        ),
+    ]
+    digests = {datasets.labels_digest(d) for d in changed}
+    assert digest not in digests and len(digests) == len(changed)
+    assert datasets.labels_digest(load()) == datasets.labels_digest(load())

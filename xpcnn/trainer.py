@@ -250,19 +250,13 @@ class _InterruptFlag:
 
 def dataset_identity(data) -> dict:
     """What a checkpoint records of its dataset: name, sizes, image shape, labels digest."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for labels in (data.train_labels, data.test_labels):
-        digest.update(np.ascontiguousarray(labels, dtype=np.uint8).tobytes())
-        digest.update(b"|")
     return {
         "name": str(data.name),
         "train": int(len(data.train_labels)),
         "test": int(len(data.test_labels)),
         "image_shape": [int(s) for s in data.train_images.shape[1:]],
         "num_classes": int(data.num_classes),
-        "labels_sha256": digest.hexdigest(),
+        "labels_sha256": ds.labels_digest(data),
     }
 
 
@@ -311,11 +305,8 @@ def load_checkpoint(path, device="cpu"):
 
 
 def _model_from(path, arrays, meta, device):
-    config, dtype = meta.get("model"), meta.get("dtype")
-    if not isinstance(config, dict) or dtype not in nn.DTYPES:
-        raise ckpt.CheckpointError(
-            f"{path}: metadata lacks a model config ('model') or a dtype ('dtype')"
-        )
+    config = ckpt.require(meta, path, "model", "dict")
+    dtype = ckpt.require(meta, path, "dtype", nn.DTYPES)
     weights = {k[6:]: v for k, v in arrays.items() if k.startswith("model/")}
     from . import init
 
@@ -326,15 +317,6 @@ def _model_from(path, arrays, meta, device):
     except (KeyError, ValueError, TypeError) as exc:
         raise ckpt.CheckpointError(f"{path}: model does not match its weights: {exc}") from None
     return model
-
-
-def _field(meta, path, key, kinds, check=None, what=None):
-    value = meta.get(key)
-    if not isinstance(value, kinds) or isinstance(value, bool) or (check and not check(value)):
-        raise ckpt.CheckpointError(
-            f"{path}: metadata field {key!r} must be {what or kinds}, got {value!r:.80}"
-        )
-    return value
 
 
 # --- the run -------------------------------------------------------------------------------------
@@ -623,7 +605,7 @@ def _prepare(
     elif model is None:
         model = nn.SimpleCNN(num_classes=data.num_classes, seed=seed)
     if checkpoint is not None:
-        _check_writable(checkpoint)
+        ckpt.check_writable(checkpoint)
     model.to(backend).train()
     if input_grad is not None:
         for m in model.modules():
@@ -704,43 +686,28 @@ def _prepare(
     return run
 
 
-def _check_writable(path):
-    check = getattr(ckpt, "check_writable", None)
-    if check is not None:
-        check(path)
-        return
-    directory = os.path.dirname(os.path.abspath(os.fspath(path))) or "."
-    if os.path.isdir(os.fspath(path)):
-        raise ckpt.CheckpointError(f"{path}: is a directory, cannot write a checkpoint there")
-    if not os.path.isdir(directory) or not os.access(directory, os.W_OK):
-        raise ckpt.CheckpointError(f"{path}: directory {directory} is missing or not writable")
-
-
 def _resume_state(path, meta, optimizer, explicit, schedule):
     """The position and settings a checkpoint resumes from, each field checked."""
-    epoch = _field(meta, path, "epoch", int, lambda v: v >= 0, "a non-negative integer")
-    step = _field(meta, path, "step", int, lambda v: v >= 0, "a non-negative integer")
-    history = _field(meta, path, "history", list, None, "a list")
-    base_lr = _field(
-        meta, path, "base_lr", int | float, lambda v: math.isfinite(v) and v >= 0, "a number >= 0"
-    )
-    saved_schedule = _field(meta, path, "schedule", str, lambda v: v in SCHEDULES, "a schedule")
-    rng_state = _field(meta, path, "rng_state", dict, None, "a dict")
-    partial = meta.get("partial")
-    if partial is not None and not (
-        isinstance(partial, dict)
-        and all(isinstance(partial.get(k), int | float) for k in ("loss_sum", "correct"))
-    ):
-        raise ckpt.CheckpointError(f"{path}: metadata field 'partial' is malformed")
-    config = _field(meta, path, "optimizer", dict, None, "a dict")
-    if config.get("type") != {"sgd": "SGD", "adam": "Adam"}[optimizer]:
+    req = ckpt.require
+    epoch = req(meta, path, "epoch", "count")
+    step = req(meta, path, "step", "count")
+    history = req(meta, path, "history", "list")
+    base_lr = req(meta, path, "base_lr", "number")
+    saved_schedule = req(meta, path, "schedule", tuple(SCHEDULES))
+    rng_state = req(meta, path, "rng_state", "dict")
+    partial = req(meta, path, "partial", "dict", optional=True)
+    if partial is not None:
+        req(meta, path, "partial.loss_sum", "number")
+        req(meta, path, "partial.correct", "number")
+    if base_lr < 0:
+        raise ckpt.CheckpointError(f"{path}: metadata field 'base_lr' must be >= 0, got {base_lr}")
+    saved_type = req(meta, path, "optimizer.type", "str")
+    if saved_type != {"sgd": "SGD", "adam": "Adam"}[optimizer]:
         raise ckpt.CheckpointError(
-            f"{path}: saved with optimizer {config.get('type')!r}, not {optimizer!r} "
+            f"{path}: saved with optimizer {saved_type!r}, not {optimizer!r} "
             "(pass --optimizer to match)"
         )
-    saved_hyper = config.get("hyper")
-    if not isinstance(saved_hyper, dict):
-        raise ckpt.CheckpointError(f"{path}: metadata field 'optimizer.hyper' is malformed")
+    saved_hyper = req(meta, path, "optimizer.hyper", "dict")
     hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in saved_hyper.items()}
     if "momentum" in explicit and bool(explicit["momentum"]) != bool(hyper.get("momentum")):
         raise ckpt.CheckpointError(
