@@ -79,11 +79,11 @@ def test_divergence_exits_1_and_writes_no_bad_checkpoint(capsys, tmp_path, small
         assert all(np.isfinite(a).all() for a in arrays.values() if a.dtype.kind == "f")
         assert "last good checkpoint is" in err
     else:
-        assert "No checkpoint was written" in err
+        assert "no checkpoint was written" in err
 
 
 def test_divergence_without_checkpoint_says_so(small):
-    with pytest.raises(T.TrainingDiverged, match="No checkpoint was written"):
+    with pytest.raises(T.TrainingDiverged, match="no checkpoint was written"):
         T.train(dataset=small, epochs=1, lr=1e6, progress=False)
 
 

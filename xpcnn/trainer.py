@@ -273,7 +273,7 @@ def _save(path, run, meta):
     if not _all_finite(arrays.values()):
         raise TrainingDiverged(
             f"weights or optimizer state became non-finite by epoch {meta['epoch'] + 1}, "
-            f"step {meta['step']}; not saving them. {run.last_good_text()}"
+            f"step {meta['step']}, not saving them; {run.last_good_text()}"
         )
     from . import __version__
 
@@ -345,10 +345,10 @@ class _Run:
     def last_good_text(self) -> str:
         if self.last_good is None:
             return (
-                "No checkpoint was written (pass checkpoint=PATH / --checkpoint PATH to keep one)."
+                "no checkpoint was written (pass checkpoint=PATH or --checkpoint PATH to keep one)"
             )
         path, epoch = self.last_good
-        return f"The last good checkpoint is {path} (epoch {epoch})."
+        return f"the last good checkpoint is {path} (epoch {epoch})"
 
 
 class Hook:
@@ -788,7 +788,7 @@ def _epoch(run, epoch, start, interrupt):
                 bad = int(np.flatnonzero(~np.isfinite(to_numpy(losses)))[0]) + 1
                 raise TrainingDiverged(
                     f"loss became non-finite at epoch {epoch + 1}, step {bad} of {steps}; "
-                    f"{run.last_good_text()} Try a lower learning rate than lr={run.base_lr}"
+                    f"{run.last_good_text()}; try a lower learning rate than lr={run.base_lr}"
                 )
             total += offset["loss_sum"]
             right += offset["correct"]
@@ -806,8 +806,8 @@ def _epoch(run, epoch, start, interrupt):
     if not weights_finite or not (math.isfinite(test.loss) and math.isfinite(total)):
         raise TrainingDiverged(
             f"weights, optimizer state or test loss became non-finite by the end of epoch "
-            f"{epoch + 1} (step {steps}); {run.last_good_text()} "
-            f"Try a lower learning rate than lr={run.base_lr}"
+            f"{epoch + 1} (step {steps}); {run.last_good_text()}; "
+            f"try a lower learning rate than lr={run.base_lr}"
         )
     row = {
         "epoch": epoch + 1,
