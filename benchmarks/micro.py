@@ -1,6 +1,7 @@
 """The single-operation measurements behind docs/performance.md's "What was tried" table.
 
     python benchmarks/micro.py --threads 2
+    python benchmarks/micro.py --threads 2 --only conv_backward_methods   # one part
 
 Each line times xpcnn's current way of doing one thing against the alternative it replaced (the
 alternatives are written out here, since they are no longer in the package), on SimpleCNN's

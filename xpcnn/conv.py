@@ -365,25 +365,26 @@ def input_grad_dilation(
     without taps when the stride exceeds the kernel) are set to zero.
 
     The taps' products are ``(N*OH*OW, O) @ (O, taps*C)`` matrix products: one per phase, or,
-    when every phase has at most one tap, one for all taps. When the kernel equals the stride
-    every phase has exactly one tap and the phases tile dX, so they are interleaved by one
-    permutation instead of ``s_h*s_w`` strided writes: with SimpleCNN's 2x2 stride-2 kernels dX
-    is ``G @ [W_00 W_01 W_10 W_11]`` (the taps as (O, C) blocks side by side) with its four column
-    blocks interleaved, cropped by the padding, and nothing else.
+    when every phase has at most one tap, one for all taps. With SimpleCNN's 2x2 stride-2 kernels
+    dX is ``G @ [W_00 W_01 W_10 W_11]`` (the taps as (O, C) blocks side by side) with its four
+    column blocks written interleaved into a dX of exactly its size, and nothing else. Where the
+    phases tile dX with nothing to crop (kernel = stride, no padding, no remainder), one
+    permutation interleaves them instead of ``s_h*s_w`` strided writes: fewer operations for a
+    GPU to dispatch. Elsewhere the strided writes keep dX exactly its size, where a permuted
+    copy would be a larger array seen through a cropped view.
     """
     xp = array_namespace(g, weight)
     n, oh, ow, o = g.shape
     _, c, kh, kw = weight.shape
     (h, w), (sh, sw), (ph, pw) = in_size, stride, padding
-    if (kh, kw) == (sh, sw) and h + ph <= sh * oh and w + pw <= sw * ow:
-        # One tap per phase, and the phases tile dX: padded row s*y + i is G[y] @ W[i]. The
+    if (kh, kw) == (sh, sw) and (h, w) == (sh * oh, sw * ow) and (ph, pw) == (0, 0):
+        # One tap per phase, and the phases tile dX exactly: row s*y + i is G[y] @ W[i]. The
         # product's (kh, kw) tap blocks are the phases; one permutation interleaves them.
         products = xp.reshape(
             xp.reshape(g, (-1, o)) @ weight_matrix(weight), (n, oh, ow, kh, kw, c)
         )
         tiles = xp.permute_dims(products, (0, 1, 3, 2, 4, 5))  # (N, OH, kh, OW, kw, C)
-        tiles = xp.reshape(tiles, (n, oh * sh, ow * sw, c))  # padded rows 0 .. s*OH - 1
-        return tiles[:, ph : ph + h, pw : pw + w, :]
+        return xp.reshape(tiles, (n, h, w, c))
     rows_h, (fh, bh) = dilation_phases(h, kh, sh, ph, oh)
     rows_w, (fw, bw) = dilation_phases(w, kw, sw, pw, ow)
     if fh or bh or fw or bw:
