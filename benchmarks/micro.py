@@ -1,6 +1,7 @@
 """The single-operation measurements behind docs/performance.md's "What was tried" table.
 
     python benchmarks/micro.py --threads 2
+    python benchmarks/micro.py --threads 2 --only conv_backward_methods   # one part
 
 Each line times xpcnn's current way of doing one thing against the alternative it replaced (the
 alternatives are written out here, since they are no longer in the package), on SimpleCNN's
@@ -116,6 +117,60 @@ def stride1_alternatives(name, d, w):
     show(f"{name} dilated-gradient convolution: per tap | all taps at once", per_tap, all_taps)
 
 
+def conv_backward_methods(repeats=40):
+    """conv2d_backward of SimpleCNN's three conv layers at batch 128, per input-gradient method.
+
+    The first line is the three layers as a training step runs them (conv3, conv2, then conv1
+    without the input gradient, since nothing needs the images'), the others one layer each with
+    its input gradient. The methods' calls alternate; each figure is the median of ``repeats``.
+    """
+    layers = [("conv1", 1, 28, 32, 0), ("conv2", 32, 14, 64, 1), ("conv3", 64, 8, 128, 0)]
+    calls = {}
+    for name, c, size, o, p in layers:
+        x = nhwc_view((128, size, size, c))
+        w = rng.standard_normal((o, c, 2, 2), dtype=np.float32)
+        z, col = conv.conv2d_forward(x, w, None, 2, p)
+        g = nhwc_view((128, z.shape[2], z.shape[3], o))
+        for method in conv.INPUT_GRAD_METHODS:
+            buffers = {}  # as a layer keeps them
+
+            def call(dx=True, g=g, col=col, x=x, w=w, p=p, method=method, buffers=buffers):
+                conv.conv2d_backward(
+                    g,
+                    col,
+                    x.shape,
+                    w,
+                    2,
+                    p,
+                    input_grad=method,
+                    need_input_grad=dx,
+                    buffers=buffers,
+                )
+
+            calls[name, method] = call
+    methods = conv.INPUT_GRAD_METHODS
+    rows = {"conv3 + conv2 + conv1 (no dx), as in training": {}}
+    for m in methods:
+        rows["conv3 + conv2 + conv1 (no dx), as in training"][m] = lambda m=m: (
+            calls["conv3", m](),
+            calls["conv2", m](),
+            calls["conv1", m](False),
+        )
+    for name, *_ in layers:
+        rows[f"{name} with dx"] = {m: calls[name, m] for m in methods}
+    print(f"{'conv2d_backward, batch 128, ms (median)':<62}" + "".join(f"{m:>16}" for m in methods))
+    for what, fns in rows.items():
+        for f in fns.values():
+            f()
+        times = {m: [] for m in methods}
+        for _ in range(repeats):
+            for m, f in fns.items():
+                t0 = time.perf_counter()
+                f()
+                times[m].append(time.perf_counter() - t0)
+        print(f"{what:<62}" + "".join(f"{median(times[m]) * 1e3:>16.3f}" for m in methods))
+
+
 def col2im():
     cols = rng.random((128, 8, 8, 2, 2, 32), dtype=np.float32)  # conv2's input gradient
 
@@ -196,7 +251,7 @@ def page_faults():
     """Run first, in a fresh process: later measurements leave a grown heap behind."""
     x = rng.random((128, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, 128)
-    for method in ("dilation", "col2im"):
+    for method in conv.INPUT_GRAD_METHODS:
         model = xpcnn.SimpleCNN(input_grad=method)
 
         def step(model=model):
@@ -212,23 +267,31 @@ def page_faults():
         print(f"{'page faults per training step (' + method + ')':<62}{faults:>9.0f}")
 
 
+PARTS = (
+    page_faults,
+    relu,
+    im2col_order,
+    stride1_conv,
+    col2im,
+    namespace_lookup,
+    eval_chunks,
+    batch1_floor,
+    conv_backward_methods,
+)
+
+
 def main():
-    argparse.ArgumentParser(description=__doc__.splitlines()[0]).add_argument(
-        "--threads", type=int, default=2
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--only", nargs="+", choices=[p.__name__ for p in PARTS], help="run these parts only"
     )
+    args = parser.parse_args()
     print(f"machine: {machine()}  threads: {THREADS}")
     print(f"{'':<62}{'now':>9}{'before':>9}")
-    for part in (
-        page_faults,
-        relu,
-        im2col_order,
-        stride1_conv,
-        col2im,
-        namespace_lookup,
-        eval_chunks,
-        batch1_floor,
-    ):
-        part()
+    for part in PARTS:
+        if args.only is None or part.__name__ in args.only:
+            part()
     return 0
 
 

@@ -5,9 +5,11 @@
                                            # `xpcnn.<module>.<name>` the docs mention exists
 
 The example is SimpleCNN's first layer in miniature: one 5x5 image, one channel in and out, a
-2x2 kernel, stride 2, padding 0. All values are small integers, so every number can be checked
-by hand. The checks compare xpcnn's gradients with an explicit loop written here (sharing no
-code with xpcnn) and, when PyTorch is installed, with torch autograd.
+2x2 kernel, stride 2, padding 0. A second, one-axis example (a 1x5 image, a 1x3 kernel, stride 2,
+padding 1) shows the input gradient computed phase by phase, where a phase meets two taps. All
+values are small integers, so every number can be checked by hand. The checks compare xpcnn's
+gradients with an explicit loop written here (sharing no code with xpcnn) and, when PyTorch is
+installed, with torch autograd.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ X = np.arange(1.0, 26.0).reshape(1, 1, 5, 5)  # (N, C, H, W) = (1, 1, 5, 5), val
 W = np.array([[1.0, 2.0], [3.0, 4.0]]).reshape(1, 1, 2, 2)  # (O, C, kh, kw)
 G = np.array([[1.0, 10.0], [100.0, 1000.0]]).reshape(1, 1, 2, 2)  # dL/dZ, (N, O, OH, OW)
 
+# The phase example, along the width only: (N, C, H, W) = (1, 1, 1, 5), kernel 1x3.
+STRIDE1, PADDING1 = (1, 2), (0, 1)
+X1 = np.arange(1.0, 6.0).reshape(1, 1, 1, 5)
+W1 = np.array([1.0, 2.0, 3.0]).reshape(1, 1, 1, 3)
+G1 = np.array([1.0, 10.0, 100.0]).reshape(1, 1, 1, 3)  # OW = (5 + 2 - 3) // 2 + 1 = 3
+
 LOGITS = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]])  # (N, K) = (2, 3)
 LABELS = np.array([0, 2])
 
@@ -46,6 +54,9 @@ def compute():
     d = conv.to_nchw(d)
     w_rot = conv.rotate_kernel(W)
     loss, dlogits = functional.cross_entropy(LOGITS, LABELS)
+    # The phase example: dX by the default (phase) method, and the two phases' rows of it.
+    _, col1 = conv.conv2d_forward(X1, W1, None, STRIDE1, PADDING1)
+    dx1, _, _ = conv.conv2d_backward(G1, col1, X1.shape, W1, STRIDE1, PADDING1)
     return {
         "X": X,
         "W": W,
@@ -58,6 +69,12 @@ def compute():
         "W_rot": w_rot,
         "dX": dx,
         "dX_by_conv": conv.conv2d(d, w_rot),  # the stride-1 convolution, done by xpcnn itself
+        "G1": G1[0, 0, 0],
+        "W1": W1[0, 0, 0],
+        "dX1": dx1[0, 0, 0],
+        "phase0": dx1[0, 0, 0, 0::2],  # input columns 0, 2, 4
+        "phase1": dx1[0, 0, 0, 1::2],  # input columns 1, 3
+        "phases1": conv.dilation_phases(5, 3, 2, 1, 3),
         "softmax": np.exp(functional.log_softmax(LOGITS)),
         "loss": loss,
         "dlogits": dlogits,
@@ -89,8 +106,23 @@ def verify(r):
     np.testing.assert_array_equal(r["db"], [G.sum()], "db differs from sum(G)")
     np.testing.assert_array_equal(r["dX_by_conv"], r["dX"], "conv(D, W_rot) differs from dX")
     _, col = conv.conv2d_forward(X, W, None, STRIDE, PADDING)
-    dx_col2im, _, _ = conv.conv2d_backward(G, col, X.shape, W, STRIDE, PADDING, input_grad="col2im")
-    np.testing.assert_array_equal(dx_col2im, r["dX"], "the col2im path differs from dilation")
+    for method in conv.INPUT_GRAD_METHODS:
+        dx, _, _ = conv.conv2d_backward(G, col, X.shape, W, STRIDE, PADDING, input_grad=method)
+        np.testing.assert_array_equal(dx, r["dX"], f"input_grad={method!r} differs")
+    # The phase example: the loop, every method, and the page's description of the two phases.
+    rdx1, _ = loop_gradients(X1, W1, G1, STRIDE1, PADDING1)
+    np.testing.assert_array_equal(r["dX1"], rdx1[0], "phase example: dX differs from the loop")
+    _, col1 = conv.conv2d_forward(X1, W1, None, STRIDE1, PADDING1)
+    for method in conv.INPUT_GRAD_METHODS:
+        dx1, _, _ = conv.conv2d_backward(
+            G1, col1, X1.shape, W1, STRIDE1, PADDING1, input_grad=method
+        )
+        np.testing.assert_array_equal(dx1[0, 0, 0], r["dX1"], f"phase example: {method!r}")
+    g1, w1 = r["G1"], r["W1"]
+    np.testing.assert_array_equal(r["phase0"], g1 * w1[1], "phase 0 is not G * W[1]")
+    by_hand = np.correlate(g1, np.array([w1[2], w1[0]]), mode="valid")
+    np.testing.assert_array_equal(r["phase1"], by_hand, "phase 1 is not G corr (W[2], W[0])")
+    assert r["phases1"] == (((0, 3, ((1, 0),)), (1, 2, ((0, 1), (2, 0)))), (0, 0))
     # The page's hand-built description of D: G's values at rows/cols 1 and 3, zeros elsewhere.
     d = np.zeros((6, 6))
     d[1:4:2, 1:4:2] = G[0, 0]
@@ -101,7 +133,8 @@ def verify(r):
     onehot = np.eye(3)[LABELS]
     np.testing.assert_allclose(r["dlogits"], (p - onehot) / 2, rtol=1e-12)
     np.testing.assert_allclose(r["loss"], -np.log(p[[0, 1], LABELS]).mean(), rtol=1e-12)
-    checks = ["explicit loop", "conv2d(D, W_rot)", "col2im path", "NumPy softmax"]
+    checks = ["explicit loop", "conv2d(D, W_rot)", "all input-gradient methods", "the phases"]
+    checks.append("NumPy softmax")
     try:
         import torch
     except ImportError:
@@ -139,6 +172,11 @@ BLOCKS = [  # (key, caption) in the order the page shows them
     ("D", "D: G dilated (1 zero between elements), padded by k-1-p = 1, plus 1 remainder row"),
     ("W_rot", "W_rot: W rotated 180 degrees"),
     ("dX", "dX = stride-1 convolution of D with W_rot (5x5)"),
+    ("G1", "G, one row (the phase example)"),
+    ("W1", "W, one row of 3 taps"),
+    ("dX1", "dX (1x5), stride 2, padding 1"),
+    ("phase0", "phase 0: input columns 0, 2, 4, tap 1 only: G * W[1]"),
+    ("phase1", "phase 1: input columns 1, 3, taps 0 and 2: G correlated with (W[2], W[0])"),
     ("softmax", "softmax(logits), logits = [[2, 1, 0], [0, 0, 0]], labels = [0, 2]"),
     ("loss", "loss = mean of -log softmax[n, label_n]"),
     ("dlogits", "dL/dlogits = (softmax - onehot) / N"),

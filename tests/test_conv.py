@@ -11,7 +11,8 @@ from xpcnn.backends import to_numpy
 import naive
 from conftest import assert_close
 
-# (N, C, H, W, O, k, s, p): odd sizes, strides 1-4, padding beyond k-1, kernel = whole input
+# (N, C, H, W, O, k, s, p), k/s/p an int or an (h, w) pair: odd sizes, strides 1-4, padding
+# beyond k-1, kernel = whole input, stride > kernel, remainder rows, rectangular everything
 CASES = [
     (2, 1, 28, 28, 4, 2, 2, 0),
     (2, 3, 14, 14, 5, 2, 2, 1),
@@ -22,15 +23,27 @@ CASES = [
     (2, 1, 5, 5, 2, 5, 1, 0),
     (1, 2, 6, 6, 2, 1, 2, 0),
     (3, 2, 8, 8, 2, 2, 3, 0),
+    (2, 3, 9, 10, 3, (3, 2), (2, 1), (1, 0)),
+    (1, 2, 11, 7, 2, (2, 5), (3, 2), (0, 3)),
+    (3, 1, 7, 12, 2, (1, 4), (2, 3), (2, 1)),
 ]
+
+
+def case_id(case):
+    """``(2, 3, 14, 14, 5, 2, 2, 1)`` -> ``"n2c3h14w14-o5k2s2p1"``; pairs as ``k3x2``."""
+    n, c, h, w, o, k, s, p = case
+    hw = "x".join
+    k, s, p = (hw(map(str, v)) if isinstance(v, tuple) else str(v) for v in (k, s, p))
+    return f"n{n}c{c}h{h}w{w}-o{o}k{k}s{s}p{p}"
 
 
 def _data(rng, case):
     n, c, h, w, o, k, s, p = case
+    k, s, p = (conv.pair(v) for v in (k, s, p))
     x = rng.standard_normal((n, c, h, w))
-    wt = rng.standard_normal((o, c, k, k))
+    wt = rng.standard_normal((o, c, *k))
     b = rng.standard_normal(o)
-    return x, wt, b, (s, s), (p, p)
+    return x, wt, b, s, p
 
 
 def _run(backend, dtype, x, wt, b, stride, padding, g=None, method="dilation"):
@@ -47,7 +60,7 @@ def _run(backend, dtype, x, wt, b, stride, padding, g=None, method="dilation"):
     return z, dx, dw, db
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_forward_matches_loops(backend_dtype, rng, case):
     backend, dtype = backend_dtype
     x, wt, b, s, p = _data(rng, case)
@@ -55,7 +68,7 @@ def test_forward_matches_loops(backend_dtype, rng, case):
 
 
 @pytest.mark.parametrize("method", conv.INPUT_GRAD_METHODS)
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_backward_matches_loops(backend_dtype, rng, case, method):
     backend, dtype = backend_dtype
     x, wt, b, s, p = _data(rng, case)
@@ -68,7 +81,7 @@ def test_backward_matches_loops(backend_dtype, rng, case, method):
     assert_close(db, rdb, dtype, "db")
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_matches_torch_autograd(backend_dtype, rng, case):
     torch = pytest.importorskip("torch")
     backend, dtype = backend_dtype
@@ -88,7 +101,8 @@ def test_matches_torch_autograd(backend_dtype, rng, case):
 
 
 def _fd_check(f, arrays, analytic, rng, h=1e-6, picks=12):
-    """Central differences of scalar f at random entries of each array vs the analytic grads."""
+    """Central differences of scalar f at random entries of each array vs every set of analytic
+    gradients in ``analytic`` (label -> {array name -> gradient})."""
     for name, a in arrays.items():
         for idx in zip(*(rng.integers(0, d, picks) for d in a.shape), strict=True):
             orig = a[idx]
@@ -98,52 +112,84 @@ def _fd_check(f, arrays, analytic, rng, h=1e-6, picks=12):
             down = f()
             a[idx] = orig
             fd = (up - down) / (2 * h)
-            got = analytic[name][idx]
-            assert abs(fd - got) <= 1e-6 * max(1.0, abs(fd)), (name, idx, fd, got)
+            for label, grads in analytic.items():
+                got = grads[name][idx]
+                assert abs(fd - got) <= 1e-6 * max(1.0, abs(fd)), (label, name, idx, fd, got)
 
 
-@pytest.mark.parametrize("method", conv.INPUT_GRAD_METHODS)
-@pytest.mark.parametrize("case", CASES[1:6], ids=str)
-def test_finite_differences(backend64, rng, case, method):
+@pytest.mark.parametrize("case", CASES[1:6] + CASES[9:11], ids=case_id)
+def test_finite_differences(backend64, rng, case):
+    """Every input-gradient method (and dW, db) against central differences of the forward."""
     x, wt, b, s, p = _data(rng, case)
     r = rng.standard_normal(naive.conv2d(x, wt, b, s, p).shape)
 
     def loss():  # L = sum(Z * R), evaluated on the backend under test
         return float(np.sum(to_numpy(_run(backend64, "float64", x, wt, b, s, p)) * r))
 
-    _, dx, dw, db = _run(backend64, "float64", x, wt, b, s, p, r, method)
-    grads = {"x": to_numpy(dx), "w": to_numpy(dw), "b": to_numpy(db)}
-    _fd_check(loss, {"x": x, "w": wt, "b": b}, grads, rng)
+    analytic = {}
+    for method in conv.INPUT_GRAD_METHODS:
+        _, dx, dw, db = _run(backend64, "float64", x, wt, b, s, p, r, method)
+        analytic[method] = {"x": to_numpy(dx), "w": to_numpy(dw), "b": to_numpy(db)}
+    _fd_check(loss, {"x": x, "w": wt, "b": b}, analytic, rng)
 
 
+_pairs = st.tuples(st.integers(1, 4), st.integers(1, 4))  # kernel and stride, (h, w)
 conv_cases = st.tuples(
     st.integers(1, 3),
     st.integers(1, 3),
     st.integers(1, 9),
     st.integers(1, 9),
     st.integers(1, 3),
-    st.integers(1, 4),
-    st.integers(1, 4),
-    st.integers(0, 3),
-).filter(lambda t: t[2] + 2 * t[7] >= t[5] and t[3] + 2 * t[7] >= t[5])
+    _pairs,
+    _pairs,
+    st.tuples(st.integers(0, 3), st.integers(0, 3)),
+).filter(lambda t: t[2] + 2 * t[7][0] >= t[5][0] and t[3] + 2 * t[7][1] >= t[5][1])
 
 
 @settings(max_examples=30, deadline=None)
 @given(case=conv_cases, seed=st.integers(0, 2**31 - 1))
 def test_property_all_shapes(backend64, case, seed):
-    """Any N, C, H, W, kernel, stride (3+ included) and padding: both input-gradient methods
-    agree with the loops, and forward agrees with the loops."""
+    """Any N, C, H, W, rectangular kernel, stride (3+ included) and padding: forward and every
+    input-gradient method agree with the loops, and the methods with each other to float64
+    precision."""
     rng = np.random.default_rng(seed)
     x, wt, b, s, p = _data(rng, case)
     zref = naive.conv2d(x, wt, b, s, p)
     g = rng.standard_normal(zref.shape)
     rdx, rdw, rdb = naive.conv2d_backward(g, x, wt, s, p)
+    dxs = {}
     for method in conv.INPUT_GRAD_METHODS:
         z, dx, dw, db = _run(backend64, "float64", x, wt, b, s, p, g, method)
         assert_close(z, zref, "float64", "z")
         assert_close(dx, rdx, "float64", f"dx {method}")
         assert_close(dw, rdw, "float64", "dw")
         assert_close(db, rdb, "float64", "db")
+        dxs[method] = to_numpy(dx)
+    for method, dx in dxs.items():
+        np.testing.assert_allclose(
+            dx, dxs["dilation-zeros"], rtol=1e-12, atol=1e-12, err_msg=method
+        )
+
+
+def test_dilation_phases_worked_example():
+    """The docs' example (H=5, k=2, s=2, p=0, OH=2): two phases of one tap each; the last row of
+    phase 0 (input row 4) is past the last window, so that phase has 2 of its 3 rows."""
+    assert conv.dilation_phases(5, 2, 2, 0, 2) == (((0, 2, ((0, 0),)), (1, 2, ((1, 0),))), (0, 0))
+
+
+def test_dilation_phases_several_taps_and_none():
+    # k=3, s=2, p=1, H=8, OH=4. Phase 0 (padded rows t = 1, 3, ..) meets tap 1 only. Phase 1
+    # (t = 2, 4, .., 8) meets taps 0 and 2: dX[1] = G[1] W[0] + G[0] W[2], tap 2's window one G
+    # row earlier; its last row t = 8 would take G[4] W[0], past G's end: one zero row behind.
+    assert conv.dilation_phases(8, 3, 2, 1, 4) == (
+        ((0, 4, ((1, 0),)), (1, 4, ((0, 1), (2, 0)))),
+        (0, 1),
+    )
+    # k=1, s=3: phases 1 and 2 meet no tap, so they get no rows (their gradient is zero).
+    assert conv.dilation_phases(7, 1, 3, 0, 3) == (
+        ((0, 3, ((0, 0),)), (1, 0, ()), (2, 0, ())),
+        (0, 0),
+    )
 
 
 def test_dilate_pad_worked_example(backend):
@@ -175,6 +221,80 @@ def test_rotate_kernel(backend):
     r = to_numpy(conv.rotate_kernel(backend.asarray(w, "float32")))
     assert r.shape == (3, 2, 2, 2)
     np.testing.assert_array_equal(r[1, 0], w[0, 1, ::-1, ::-1])
+
+
+# (case, dtype): SimpleCNN's conv1 (phases interleaved by a permutation) and conv2 (padding 1,
+# strided writes), padding > k-1, rectangular with several taps per phase and G padded, phases
+# without taps (stride > kernel). Each takes about a second to compile, hence a few.
+JAX_CASES = [
+    (CASES[0], "float32"),
+    (CASES[1], "float64"),
+    (CASES[4], "float32"),
+    (CASES[9], "float64"),
+    (CASES[10], "float32"),
+]
+
+
+@pytest.mark.parametrize(
+    ("case", "dtype"), JAX_CASES, ids=[f"{case_id(c)}-{d}" for c, d in JAX_CASES]
+)
+def test_jax_jit_matches_numpy(case, dtype):
+    """Forward and every gradient traced by jax.jit (immutable arrays, tracers without a device)
+    equal NumPy's; a buffers dict passed through keeps nothing, so no tracer outlives the trace
+    (jax.checking_leaks raises if one does); a second call with new values reuses the trace."""
+    jax = pytest.importorskip("jax")
+    buffers, numpy_buffers = {}, {}
+
+    def step(x, w, b, g, s, p, buffers=buffers):
+        z, col = conv.conv2d_forward(x, w, b, s, p, buffers)
+        grads = {
+            m: conv.conv2d_backward(g, col, x.shape, w, s, p, input_grad=m, buffers=buffers)
+            for m in conv.INPUT_GRAD_METHODS
+        }
+        return z, grads
+
+    cpu = jax.devices("cpu")[0]  # CPU precision: a GPU may multiply float32 in TF32
+    with jax.enable_x64(dtype == "float64"), jax.default_device(cpu), jax.checking_leaks():
+        jitted = jax.jit(step, static_argnums=(4, 5))
+        for seed in (1, 2):
+            rng = np.random.default_rng(seed)
+            x, wt, b, s, p = _data(rng, case)
+            g = rng.standard_normal(naive.conv2d(x, wt, b, s, p).shape)
+            z, grads = jitted(*(jax.numpy.asarray(a, dtype=dtype) for a in (x, wt, b, g)), s, p)
+            zref, ref = step(x, wt, b, g, s, p, numpy_buffers)  # NumPy float64
+            assert z.dtype == jax.numpy.dtype(dtype)
+            assert_close(np.asarray(z), zref, dtype, "z")
+            for m, ours in grads.items():
+                for what, a, r in zip(("dx", "dw", "db"), ours, ref[m], strict=True):
+                    assert a.dtype == z.dtype, (what, m)
+                    assert_close(np.asarray(a), r, dtype, f"{what} {m}")
+    assert not buffers, "a JAX array was kept for reuse"
+
+
+def test_buffers_reused_only_when_writeable():
+    """NumPy arrays are kept in the caller's dict and rewritten in place; read-only ones and
+    JAX arrays are not reused."""
+    rng = np.random.default_rng(0)
+    x, wt, b, s, p = _data(rng, (1, 2, 6, 6, 2, 3, 2, 1))
+    g = rng.standard_normal(naive.conv2d(x, wt, b, s, p).shape)
+    buffers = {}
+    for _ in range(2):
+        z, col = conv.conv2d_forward(x, wt, b, s, p, buffers)
+        conv.conv2d_backward(
+            g, col, x.shape, wt, s, p, input_grad="dilation-zeros", buffers=buffers
+        )
+        if _ == 0:
+            kept = dict(buffers)
+    assert set(kept) == {"pad", "dilated"}
+    assert all(buffers[k] is kept[k] for k in kept)  # the second call reused them
+    kept["pad"].flags.writeable = False
+    assert conv._reusable(kept["pad"], kept["pad"].shape, kept["pad"]) is None
+    z2, _ = conv.conv2d_forward(x, wt, b, s, p, buffers)
+    assert buffers["pad"] is not kept["pad"]
+    np.testing.assert_array_equal(z2, z)
+    jnp = pytest.importorskip("jax.numpy")
+    ja = jnp.zeros(kept["dilated"].shape, dtype=jnp.float32)
+    assert conv._reusable(ja, ja.shape, ja) is None
 
 
 def test_unknown_input_grad_method(backend):

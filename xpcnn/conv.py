@@ -25,25 +25,53 @@ Gradients, given ``G = dL/dZ``:
 
 * weight: ``dWmat = G.T @ col`` (each weight saw exactly the inputs in its column);
 * bias: ``db = G.sum over n, y, x``;
-* input, by dilation (the default): insert ``s - 1`` zeros between the elements of G, pad it by
-  ``k - 1 - p`` on each side (plus the rows the stride skipped at the bottom/right), then run a
-  stride-1 convolution with the kernel rotated 180 degrees and its in/out channels swapped.
-  See `input_grad_dilation` for why this is exactly the transposed convolution;
-* input, by col2im (optional, fewer multiply-adds): ``dcol = G @ Wmat`` then scatter-add every
-  column back to the input pixel it came from. Tested equal to the dilation path.
+* input, by dilation, literally (``"dilation-zeros"``, `input_grad_dilation_zeros`): insert
+  ``s - 1`` zeros between the elements of G, pad it by ``k - 1 - p`` on each side (plus the rows
+  the stride skipped at the bottom/right), then run a stride-1 convolution with the kernel rotated
+  180 degrees and its in/out channels swapped. See `input_grad_dilation_zeros` for why this is
+  exactly the transposed convolution;
+* input, by dilation phase by phase (``"dilation"``, the default, `input_grad_dilation`): the
+  same sum without its products with the inserted zeros. Input rows of one residue mod the stride
+  (a phase) only ever meet the kernel taps of one residue, so each phase is a stride-1
+  convolution of G itself with those taps, written into every s-th row and column of dX;
+* input, by col2im (``"col2im"``): ``dcol = G @ Wmat`` then scatter-add every column back to the
+  input pixel it came from.
+
+The three input gradients are tested equal.
+
+Arrays are never kept from one call to the next unless the caller passes a ``buffers`` dict and
+the array can be written in place (not a JAX array or tracer, not a read-only view), so every
+function here can be traced by ``jax.jit`` or captured in a CUDA graph.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import array_api_extra as xpx
-from array_api_compat import device
+from array_api_compat import device, is_jax_array
 
 from ._namespace import array_namespace
 
-INPUT_GRAD_METHODS = ("dilation", "col2im")
+try:
+    from array_api_compat import is_writeable_array
+except ImportError:  # an array-api-compat without it
+
+    def is_writeable_array(x):
+        """False for JAX arrays and read-only NumPy views, True for other arrays."""
+        flags = getattr(x, "flags", None)
+        return not is_jax_array(x) and bool(getattr(flags, "writeable", True))
 
 
-def pair(v, name="value"):
+Array = Any  # an array of any Array API namespace (NumPy, CuPy, torch, JAX, array-api-strict)
+Pair = tuple[int, int]  # (height, width)
+
+INPUT_GRAD_METHODS = ("dilation", "dilation-zeros", "col2im")
+"""The ``input_grad`` choices of `conv2d_backward`; the first is the default."""
+
+
+def pair(v: int | tuple[int, int] | list[int], name: str = "value") -> tuple[int, int]:
     """``3 -> (3, 3)``; ``(2, 3)`` unchanged. Raises TypeError for anything but an int or a pair
     of ints, ValueError for negative values (the message uses ``name``)."""
     if type(v) is tuple and len(v) == 2 and type(v[0]) is type(v[1]) is int and min(v) >= 0:
@@ -56,22 +84,22 @@ def pair(v, name="value"):
     return t
 
 
-def output_size(size, kernel, stride, padding):
+def output_size(size: int, kernel: int, stride: int, padding: int) -> int:
     """Spatial output size of a convolution along one axis."""
     return (size + 2 * padding - kernel) // stride + 1
 
 
-def to_nhwc(x):
+def to_nhwc(x: Array) -> Array:
     """NCHW -> NHWC as a view (no data moves)."""
     return array_namespace(x).permute_dims(x, (0, 2, 3, 1))
 
 
-def to_nchw(x):
+def to_nchw(x: Array) -> Array:
     """NHWC -> NCHW as a view (no data moves)."""
     return array_namespace(x).permute_dims(x, (0, 3, 1, 2))
 
 
-def im2col(x, kernel, stride):
+def im2col(x: Array, kernel: Pair, stride: Pair) -> tuple[Array, Pair]:
     """Patches of an NHWC array (already padded) as a matrix.
 
     Returns ``col`` of shape ``(N*OH*OW, kh*kw*C)``: row ``(n, y, x)`` holds the window under
@@ -92,21 +120,21 @@ def im2col(x, kernel, stride):
     return xp.reshape(col, (n * oh * ow, kh * kw * c)), (oh, ow)
 
 
-def weight_matrix(weight):
+def weight_matrix(weight: Array) -> Array:
     """(O, C, kh, kw) weights as the ``(O, kh*kw*C)`` matrix whose columns match `im2col`."""
     xp = array_namespace(weight)
     o, c, kh, kw = weight.shape
     return xp.reshape(xp.permute_dims(weight, (0, 2, 3, 1)), (o, kh * kw * c))
 
 
-def weight_from_matrix(wmat, shape):
+def weight_from_matrix(wmat: Array, shape: tuple[int, int, int, int]) -> Array:
     """Inverse of `weight_matrix`: ``(O, kh*kw*C)`` back to (O, C, kh, kw) (a view)."""
     xp = array_namespace(wmat)
     o, c, kh, kw = shape
     return xp.permute_dims(xp.reshape(wmat, (o, kh, kw, c)), (0, 3, 1, 2))
 
 
-def conv_stride1(x, weight):
+def conv_stride1(x: Array, weight: Array) -> Array:
     """Valid stride-1 correlation of NHWC ``x`` with (O, C, kh, kw) ``weight``, NHWC out.
 
     Computed one kernel tap at a time: ``x @ W[:, :, i, j].T`` multiplies every input pixel by
@@ -132,14 +160,40 @@ def conv_stride1(x, weight):
     return out
 
 
+def _writeable(x: Array) -> bool:
+    """True if ``x`` may be kept and written in place on a later call: not a JAX array or tracer
+    (immutable, and a tracer must not outlive its trace), not a read-only view."""
+    return not is_jax_array(x) and is_writeable_array(x)
+
+
 def _reusable(out, shape, like):
-    """``out`` if it is an array of ``shape`` with ``like``'s dtype and device, else None."""
-    if out is None or tuple(out.shape) != tuple(shape) or out.dtype != like.dtype:
+    """``out`` if it is a writeable array of ``like``'s type, dtype and device and of ``shape``,
+    else None (then the caller allocates a new array)."""
+    if out is None or type(out) is not type(like) or not _writeable(out):
+        return None
+    if tuple(out.shape) != tuple(shape) or out.dtype != like.dtype:
         return None
     return out if device(out) == device(like) else None
 
 
-def pad_hw(x, padding, out=None):
+def _set(x, where, value):
+    """``x`` with ``x[where] = value``: in place where the namespace allows it (NumPy, CuPy,
+    torch, array-api-strict), else a new array (JAX). ``xpx.at`` does the same, at several times
+    the Python cost of a plain item assignment."""
+    if _writeable(x):
+        x[where] = value
+        return x
+    return xpx.at(x)[where].set(value)
+
+
+def _keep(buffers, key, a):
+    """Keep ``a`` in the caller's ``buffers`` for reuse: only if there is a dict and ``a`` is
+    writeable (a JAX array or tracer kept across calls would be stale or leaked)."""
+    if buffers is not None and _writeable(a):
+        buffers[key] = a
+
+
+def pad_hw(x: Array, padding: Pair, out: Array | None = None) -> Array:
     """Zero-pad the two spatial axes of an NHWC array.
 
     ``out`` may be an array this function returned before for the same padding and shape: its
@@ -155,11 +209,19 @@ def pad_hw(x, padding, out=None):
     return xpx.at(out)[:, ph : ph + h, pw : pw + w, :].set(x)
 
 
-def conv2d_forward(x, weight, bias=None, stride=1, padding=0, buffers=None):
+def conv2d_forward(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: int | Pair = 1,
+    padding: int | Pair = 0,
+    buffers: dict | None = None,
+) -> tuple[Array, Array]:
     """Convolution forward of x (N, C, H, W) with weight (O, C, kh, kw) and bias (O,) or None;
     ``stride`` and ``padding`` are ints or (h, w) pairs. ``buffers``, a dict the caller keeps
     between calls (each layer keeps its own), lets the padded input's array be reused from call
-    to call; never share one dict between convolutions of different padding.
+    to call where the namespace writes in place (never for JAX); None means no reuse. Never share
+    one dict between convolutions of different padding.
 
     Returns ``(Z, col)``: Z is (N, O, OH, OW), col the ``(N*OH*OW, kh*kw*C)`` im2col matrix that
     `conv2d_backward` needs for the weight gradient.
@@ -168,10 +230,9 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, buffers=None):
     stride, padding = pair(stride, "stride"), pair(padding, "padding")
     o, c, kh, kw = weight.shape
     n = x.shape[0]
-    buffers = {} if buffers is None else buffers
-    xpad = pad_hw(to_nhwc(x), padding, buffers.get("pad"))
+    xpad = pad_hw(to_nhwc(x), padding, None if buffers is None else buffers.get("pad"))
     if padding != (0, 0):
-        buffers["pad"] = xpad
+        _keep(buffers, "pad", xpad)
     col, (oh, ow) = im2col(xpad, (kh, kw), stride)
     z = col @ xp.matrix_transpose(weight_matrix(weight))  # (N*OH*OW, O)
     if bias is not None:
@@ -179,12 +240,18 @@ def conv2d_forward(x, weight, bias=None, stride=1, padding=0, buffers=None):
     return to_nchw(xp.reshape(z, (n, oh, ow, o))), col
 
 
-def conv2d(x, weight, bias=None, stride=1, padding=0):
+def conv2d(
+    x: Array,
+    weight: Array,
+    bias: Array | None = None,
+    stride: int | Pair = 1,
+    padding: int | Pair = 0,
+) -> Array:
     """``torch.nn.functional.conv2d`` equivalent (groups=1, dilation=1): NCHW in, NCHW out."""
     return conv2d_forward(x, weight, bias, stride, padding)[0]
 
 
-def dilate_pad(g, stride, offset, size, out=None):
+def dilate_pad(g: Array, stride: Pair, offset: Pair, size: Pair, out: Array | None = None) -> Array:
     """Spread NHWC ``g`` over a zero array of spatial ``size``, element (y, x) landing at
     ``(offset_h + s_h*y, offset_w + s_w*x)``.
 
@@ -214,14 +281,16 @@ def dilate_pad(g, stride, offset, size, out=None):
     return xpx.at(out)[tuple(index)].set(g[tuple(src)])
 
 
-def rotate_kernel(weight):
+def rotate_kernel(weight: Array) -> Array:
     """Rotate each kernel by 180 degrees, swap in/out channels: (O, C, kh, kw) -> (C, O, kh, kw)."""
     xp = array_namespace(weight)
     return xp.permute_dims(xp.flip(weight, axis=(2, 3)), (1, 0, 2, 3))
 
 
-def input_grad_dilation(g, weight, in_size, stride, padding, buffers=None):
-    """dL/dX (NHWC) from G = dL/dZ (NHWC) by dilation and a stride-1 convolution.
+def input_grad_dilation_zeros(
+    g: Array, weight: Array, in_size: Pair, stride: Pair, padding: Pair, buffers: dict | None = None
+) -> Array:
+    """dL/dX (NHWC) from G = dL/dZ (NHWC) by dilation and a stride-1 convolution, literally.
 
     Why it works, along one axis: ``Z[y] = sum_i Xpad[s*y + i] W[i]``, so input row ``h`` (of the
     unpadded X, i.e. ``Xpad`` row ``h + p``) receives ``G[y] * W[i]`` from every (y, i) with
@@ -231,19 +300,134 @@ def input_grad_dilation(g, weight, in_size, stride, padding, buffers=None):
     by ``k - 1 - p`` in front with the rotated kernel. Output channel o of the forward pass is an
     input channel of this one, hence the channel swap. Rows of X beyond the last window the stride
     reached get zero gradient: that is the extra "remainder" padding at the end.
-    ``buffers`` (a dict kept by the caller) lets the dilated array be reused between calls.
+
+    This is the form the documentation teaches and draws (input gradient ``"dilation-zeros"``);
+    `input_grad_dilation` computes the same sum without the products with D's zeros.
+    ``buffers`` (a dict kept by the caller, or None) lets the dilated array be reused between
+    calls where the namespace writes in place.
     """
     kh, kw = weight.shape[2:]
     (h, w), (ph, pw) = in_size, padding
-    buffers = {} if buffers is None else buffers
-    d = dilate_pad(
-        g, stride, (kh - 1 - ph, kw - 1 - pw), (h + kh - 1, w + kw - 1), buffers.get("dilated")
-    )
-    buffers["dilated"] = d
+    offset, size = (kh - 1 - ph, kw - 1 - pw), (h + kh - 1, w + kw - 1)
+    d = dilate_pad(g, stride, offset, size, None if buffers is None else buffers.get("dilated"))
+    _keep(buffers, "dilated", d)
     return conv_stride1(d, rotate_kernel(weight))
 
 
-def col2im(cols, size, stride):
+@functools.lru_cache(maxsize=256)  # ints in, tuples of ints out: nothing array-valued is kept
+def dilation_phases(
+    size: int, kernel: int, stride: int, padding: int, out_size: int
+) -> tuple[tuple[tuple[int, int, tuple[Pair, ...]], ...], Pair]:
+    """The phases of the input gradient along one axis, and the zero rows G needs around it.
+
+    Input row ``h`` (padded row ``t = h + p``) receives ``G[y] W[i]`` for ``s*y + i = t``, so only
+    taps ``i`` with ``i = t (mod s)`` reach it: writing ``t = s*q + r`` and ``i = r + s*m``,
+    ``dX[h] = sum_m G[q - m] W[r + s*m]``. The rows ``h = rho, rho + s, rho + 2s, ...`` of one
+    residue ``rho`` (one phase) share ``r = (rho + p) % s`` and ``q = (rho + p) // s + j`` for
+    their j-th row: each phase is a stride-1 correlation of G with the phase's taps in reverse.
+
+    Returns ``(phases, (front, back))``: one ``(rho, rows, taps)`` per residue that has input rows,
+    where the first ``rows`` rows of the phase can receive gradient (the rest, past the last
+    window, get zero) and ``taps`` lists ``(i, start)``: tap ``i`` multiplies rows
+    ``start .. start + rows - 1`` of G padded by ``front`` zero rows before and ``back`` after
+    (padding needed only by phases of several taps). ``taps`` is empty, and ``rows`` 0, for a
+    phase no tap reaches (stride larger than the kernel).
+    """
+    phases = []
+    for rho in range(min(stride, size)):
+        r, q0 = (rho + padding) % stride, (rho + padding) // stride
+        taps = range(r, kernel, stride)  # i = r + s*m for m = 0, 1, ...
+        rows = min(len(range(rho, size, stride)), out_size + len(taps) - 1 - q0) if taps else 0
+        rows = max(rows, 0)
+        phases.append((rho, rows, [(i, q0 - m) for m, i in enumerate(taps)] if rows else []))
+    front = max([0] + [-a for _, _, taps in phases for _, a in taps])
+    back = max([0] + [a + rows - out_size for _, rows, taps in phases for _, a in taps])
+    phases = tuple(
+        (rho, rows, tuple((i, a + front) for i, a in taps)) for rho, rows, taps in phases
+    )
+    return phases, (front, back)
+
+
+def input_grad_dilation(
+    g: Array, weight: Array, in_size: Pair, stride: Pair, padding: Pair
+) -> Array:
+    """dL/dX (NHWC) from G = dL/dZ (NHWC): the dilation's stride-1 convolution, phase by phase.
+
+    The convolution of `input_grad_dilation_zeros` multiplies every kernel tap with D, mostly
+    zeros, but at a given input row only the taps of one residue mod the stride ever meet G's
+    values (`dilation_phases`). So for each of the ``s_h*s_w`` phases (input rows and columns of
+    one residue mod the stride) this runs a stride-1 correlation of G itself with the phase's
+    sub-kernel, ``W[:, :, r_h::s_h, r_w::s_w]`` (at most ``ceil(k/s)`` taps per axis; tap m's
+    window starts m rows earlier in G, which is the rotation), and writes the result into every
+    s-th row and column of dX from the phase's residue on. It is the dilation's sum term for term
+    without the products with inserted zeros; G is padded only where a phase of several taps
+    reaches past its edges, and input rows no tap reaches (past the last window, or in a phase
+    without taps when the stride exceeds the kernel) are set to zero.
+
+    The taps' products are ``(N*OH*OW, O) @ (O, taps*C)`` matrix products: one per phase, or,
+    when every phase has at most one tap, one for all taps. With SimpleCNN's 2x2 stride-2 kernels
+    dX is ``G @ [W_00 W_01 W_10 W_11]`` (the taps as (O, C) blocks side by side) with its four
+    column blocks written interleaved into a dX of exactly its size, and nothing else. Where the
+    phases tile dX with nothing to crop (kernel = stride, no padding, no remainder), one
+    permutation interleaves them instead of ``s_h*s_w`` strided writes: fewer operations for a
+    GPU to dispatch. Elsewhere the strided writes keep dX exactly its size, where a permuted
+    copy would be a larger array seen through a cropped view.
+    """
+    xp = array_namespace(g, weight)
+    n, oh, ow, o = g.shape
+    _, c, kh, kw = weight.shape
+    (h, w), (sh, sw), (ph, pw) = in_size, stride, padding
+    if (kh, kw) == (sh, sw) and (h, w) == (sh * oh, sw * ow) and (ph, pw) == (0, 0):
+        # One tap per phase, and the phases tile dX exactly: row s*y + i is G[y] @ W[i]. The
+        # product's (kh, kw) tap blocks are the phases; one permutation interleaves them.
+        products = xp.reshape(
+            xp.reshape(g, (-1, o)) @ weight_matrix(weight), (n, oh, ow, kh, kw, c)
+        )
+        tiles = xp.permute_dims(products, (0, 1, 3, 2, 4, 5))  # (N, OH, kh, OW, kw, C)
+        return xp.reshape(tiles, (n, h, w, c))
+    rows_h, (fh, bh) = dilation_phases(h, kh, sh, ph, oh)
+    rows_w, (fw, bw) = dilation_phases(w, kw, sw, pw, ow)
+    if fh or bh or fw or bw:
+        g = xpx.pad(g, ((0, 0), (fh, bh), (fw, bw), (0, 0)))
+    g2d = xp.reshape(g, (-1, o))
+    ohp, owp = oh + fh + bh, ow + fw + bw
+    dx = xp.empty((n, h, w, c), dtype=g.dtype, device=device(g))
+    every = slice(None)
+    for rho, rows, _ in rows_h:  # rows past the last window or in a phase without taps: zero
+        if rows < len(range(rho, h, sh)):
+            dx = _set(dx, (every, slice(rho + sh * rows, None, sh), every, every), 0.0)
+    for rho, cols, _ in rows_w:
+        if cols < len(range(rho, w, sw)):
+            dx = _set(dx, (every, every, slice(rho + sw * cols, None, sw), every), 0.0)
+    if kh <= sh and kw <= sw:  # at most one tap per phase: all taps in one product
+        products = xp.reshape(g2d @ weight_matrix(weight), (n, ohp, owp, kh, kw, c))
+    for rho_h, rows, taps_h in rows_h:
+        for rho_w, cols, taps_w in rows_w:
+            if not (taps_h and taps_w):
+                continue
+            r_h, r_w = taps_h[0][0], taps_w[0][0]  # the phase's first taps: r = (rho + p) % s
+            if kh <= sh and kw <= sw:
+                taps = products[:, :, :, r_h : r_h + 1, r_w : r_w + 1, :]
+            else:  # the phase's taps W[:, :, r_h + s_h*m_h, r_w + s_w*m_w] in one product
+                sub = weight_matrix(weight[:, :, r_h::sh, r_w::sw])
+                taps = xp.reshape(g2d @ sub, (n, ohp, owp, len(taps_h), len(taps_w), c))
+            phase, fresh = None, False  # fresh: phase is our own array, safe to add into
+            for m_h, (_, a) in enumerate(taps_h):
+                for m_w, (_, b) in enumerate(taps_w):
+                    window = taps[:, a : a + rows, b : b + cols, m_h, m_w, :]
+                    if phase is None:
+                        phase = window
+                    elif fresh:
+                        phase += window
+                    else:
+                        phase, fresh = phase + window, True
+            rows_of_phase = slice(rho_h, rho_h + sh * (rows - 1) + 1, sh)
+            cols_of_phase = slice(rho_w, rho_w + sw * (cols - 1) + 1, sw)
+            dx = _set(dx, (every, rows_of_phase, cols_of_phase, every), phase)
+    return dx
+
+
+def col2im(cols: Array, size: Pair, stride: Pair) -> Array:
     """The adjoint of `im2col`: add every patch value back onto the pixel it was read from.
 
     ``cols`` is ``(N, OH, OW, kh, kw, C)``; returns the NHWC array of spatial ``size`` (the
@@ -275,10 +459,11 @@ def col2im(cols, size, stride):
     return out
 
 
-def input_grad_col2im(g, weight, in_size, stride, padding):
+def input_grad_col2im(g: Array, weight: Array, in_size: Pair, stride: Pair, padding: Pair) -> Array:
     """dL/dX (NHWC) from G (NHWC) as ``G @ Wmat`` followed by `col2im`.
 
-    Same result as `input_grad_dilation`, without multiplying the inserted zeros.
+    Same result as the dilation, without multiplying the inserted zeros: the same products as
+    `input_grad_dilation`, summed by scattering windows instead of phase by phase.
     """
     xp = array_namespace(g, weight)
     n, oh, ow, o = g.shape
@@ -290,17 +475,17 @@ def input_grad_col2im(g, weight, in_size, stride, padding):
 
 
 def conv2d_backward(
-    g,
-    col,
-    x_shape,
-    weight,
-    stride=1,
-    padding=0,
+    g: Array,
+    col: Array,
+    x_shape: tuple[int, ...],
+    weight: Array,
+    stride: int | Pair = 1,
+    padding: int | Pair = 0,
     *,
-    input_grad="dilation",
-    need_input_grad=True,
-    buffers=None,
-):
+    input_grad: str = "dilation",
+    need_input_grad: bool = True,
+    buffers: dict | None = None,
+) -> tuple[Array | None, Array, Array]:
     """Gradients of a convolution. ``g`` is dL/dZ (NCHW), ``col`` what the forward returned,
     ``x_shape`` the forward input's (N, C, H, W); ``buffers`` as in `conv2d_forward`. Raises
     ValueError for an unknown ``input_grad``.
@@ -311,15 +496,17 @@ def conv2d_backward(
     xp = array_namespace(g, weight)
     stride, padding = pair(stride, "stride"), pair(padding, "padding")
     n, o, oh, ow = g.shape
-    g_nhwc = to_nhwc(g)
-    g2d = xp.reshape(g_nhwc, (n * oh * ow, o))
+    g2d = xp.reshape(to_nhwc(g), (n * oh * ow, o))  # a copy only if g is not NHWC in memory
+    g_nhwc = xp.reshape(g2d, (n, oh, ow, o))  # so that later reshapes of it are free
     dw = weight_from_matrix(xp.matrix_transpose(g2d) @ col, weight.shape)
     db = xp.sum(g2d, axis=0)
     if not need_input_grad:
         return None, dw, db
     in_size = tuple(x_shape[2:])
     if input_grad == "dilation":
-        dx = input_grad_dilation(g_nhwc, weight, in_size, stride, padding, buffers)
+        dx = input_grad_dilation(g_nhwc, weight, in_size, stride, padding)
+    elif input_grad == "dilation-zeros":
+        dx = input_grad_dilation_zeros(g_nhwc, weight, in_size, stride, padding, buffers)
     elif input_grad == "col2im":
         dx = input_grad_col2im(g_nhwc, weight, in_size, stride, padding)
     else:
