@@ -18,6 +18,7 @@ import torch
 import xpcnn
 from xpcnn import functional as F
 from xpcnn.backends import BackendUnavailable, get_backend, to_numpy
+from xpcnn.conv import INPUT_GRAD_METHODS
 from xpcnn.interop import to_torch
 
 SPECS = [
@@ -69,7 +70,7 @@ def main():
         for dtype in ("float32", "float64"):
             if dtype == "float64" and spec == "strict:no_float64":
                 continue
-            for method in ("dilation", "col2im"):
+            for method in INPUT_GRAD_METHODS:
                 model = xpcnn.SimpleCNN(seed=1, dtype=dtype, device=spec, input_grad=method)
                 ref = torch_reference(xpcnn.SimpleCNN(seed=1, dtype="float64"), x, t)
                 got = ours(model, backend, dtype, x, t)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import xpcnn
+from xpcnn import conv, nn
 from xpcnn import functional as F
-from xpcnn import nn
 from xpcnn.backends import to_numpy
 
 from conftest import assert_close
@@ -22,7 +22,7 @@ def _torch_twin(model, dtype):
     return net
 
 
-@pytest.mark.parametrize("method", ["dilation", "col2im"])
+@pytest.mark.parametrize("method", conv.INPUT_GRAD_METHODS)
 def test_simple_cnn_matches_torch(backend_dtype, rng, method):
     """The whole network, forward and backward, with the same weights as the torch.nn model."""
     torch = pytest.importorskip("torch")
