@@ -4,7 +4,10 @@
     python benchmarks/inference.py --threads 1 --rounds 7
 
 Per-image latency at batch 1 and throughput at batch 1000, both in eval mode (no_grad for
-torch). Each round times a block of calls of one library, then a block of the other, so a thread
+torch), for xpcnn on NumPy (eager), xpcnn on JAX with the forward compiled by ``jax.jit``
+(`xpcnn.step.predict_function`; ``--no-jax`` leaves it out) and PyTorch. The compiled
+contender's first calls (trace and compile, one per batch shape) are timed apart.
+Each round times a block of calls of one library, then a block of the other, so a thread
 pool that went to sleep is woken once per block rather than on every call; the report gives
 medians over rounds and the ratio of the medians. Peak memory: NumPy's allocations traced with
 tracemalloc while xpcnn classifies 10000 images in one call (eval mode processes them
@@ -26,6 +29,7 @@ import torch  # noqa: E402
 
 import xpcnn  # noqa: E402
 from xpcnn.interop import to_torch  # noqa: E402
+from xpcnn.step import predict_function  # noqa: E402
 
 
 def timed_block(fn, calls):
@@ -43,6 +47,7 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-jax", action="store_true", help="leave out the compiled JAX contender")
     args = p.parse_args()
     torch.set_num_threads(THREADS)
 
@@ -59,32 +64,50 @@ def main():
         for a in one:
             model(a)
 
+    contenders = {"xpcnn": (ours_latency, lambda: model(batch1000))}
+    compile_s = {}
+    if not args.no_jax:
+        jb = xpcnn.get_backend("jax:cpu")
+        jmodel = xpcnn.SimpleCNN(seed=0, device="jax:cpu").eval()
+        predict = predict_function(jmodel, compile=True)
+        jone = [jb.asarray(a, "float32") for a in one]
+        j1000 = jb.asarray(batch1000, "float32")
+        for key, x in (("batch 1", jone[0]), ("batch 1000", j1000)):
+            t0 = time.perf_counter()
+            predict(x).block_until_ready()
+            compile_s[key] = time.perf_counter() - t0
+
+        def jax_latency():
+            for a in jone:
+                predict(a).block_until_ready()
+
+        contenders["xpcnn-jax"] = (jax_latency, lambda: predict(j1000).block_until_ready())
+
     def torch_latency():
         with torch.no_grad():
             for a in tone:
                 net(a)
 
-    results = {
-        "xpcnn": {"latency": [], "throughput": []},
-        "torch": {"latency": [], "throughput": []},
-    }
-    print(f"machine: {machine()}  threads: {THREADS}", flush=True)
-    for rnd in range(args.rounds + 1):  # round 0 warms up
-        lat_x = timed_block(ours_latency, 3) / len(one)
-        lat_t = timed_block(torch_latency, 3) / len(one)
-        thr_x = 1000 / timed_block(lambda: model(batch1000), 5)
+    def torch_batch():
         with torch.no_grad():
-            thr_t = 1000 / timed_block(lambda: net(t1000), 5)
+            net(t1000)
+
+    contenders["torch"] = (torch_latency, torch_batch)
+    results = {k: {"latency": [], "throughput": []} for k in contenders}
+    print(f"machine: {machine()}  threads: {THREADS}", flush=True)
+    if compile_s:
+        print(f"xpcnn-jax first calls (trace + compile): {compile_s}", flush=True)
+    for rnd in range(args.rounds + 1):  # round 0 warms up
+        line = []
+        for name, (latency, batch) in contenders.items():
+            lat = timed_block(latency, 3) / len(one)
+            thr = 1000 / timed_block(batch, 5)
+            if rnd:
+                results[name]["latency"].append(lat)
+                results[name]["throughput"].append(thr)
+            line.append(f"{name} {lat * 1e3:.3f} ms {thr:.0f} img/s")
         if rnd:
-            results["xpcnn"]["latency"].append(lat_x)
-            results["torch"]["latency"].append(lat_t)
-            results["xpcnn"]["throughput"].append(thr_x)
-            results["torch"]["throughput"].append(thr_t)
-            print(
-                f"round {rnd}: latency ms xpcnn {lat_x * 1e3:.3f} torch {lat_t * 1e3:.3f}; "
-                f"img/s xpcnn {thr_x:.0f} torch {thr_t:.0f}",
-                flush=True,
-            )
+            print(f"round {rnd}: " + "; ".join(line), flush=True)
 
     ten_thousand = np.concatenate([images] * 10)
     tracemalloc.start()
@@ -93,24 +116,26 @@ def main():
     tracemalloc.stop()
 
     report = {"machine": machine(), "threads": THREADS, "rounds": args.rounds}
-    print(f"\n{'':<26}{'xpcnn':>12}{'torch':>12}{'xpcnn/torch':>14}")
+    report["compile_s"] = compile_s
+    names = [n for n in results if n != "torch"]
+    head = "".join(f"{n:>12}" for n in [*names, "torch"])
+    ratios = "".join(f"{n + '/torch':>18}" for n in names)
+    print(f"\n{'':<26}{head}{ratios}")
     for key, unit, scale in (
         ("latency", "ms/image, batch 1", 1e3),
         ("throughput", "img/s, batch 1000", 1),
     ):
-        x, t = median(results["xpcnn"][key]), median(results["torch"][key])
-        report[key] = {
-            "xpcnn": results["xpcnn"][key],
-            "torch": results["torch"][key],
-            "xpcnn_median": x,
-            "torch_median": t,
-            "ratio": x / t,
-        }
-        lo, hi = spread(results["xpcnn"][key])
-        print(
-            f"{key + ' (' + unit + ')':<26}{x * scale:>12.3f}{t * scale:>12.3f}{x / t:>14.2f}"
-            f"   xpcnn spread {lo * scale:.3f}-{hi * scale:.3f}"
-        )
+        t = median(results["torch"][key])
+        report[key] = {"torch": results["torch"][key], "torch_median": t}
+        cells, rcells = [], []
+        for n in names:
+            x = median(results[n][key])
+            lo, hi = spread(results[n][key])
+            report[key].update({n: results[n][key], f"{n}_median": x, f"{n}_ratio": x / t})
+            report[key][f"{n}_spread"] = [lo, hi]
+            cells.append(f"{x * scale:>12.3f}")
+            rcells.append(f"{x / t:>18.2f}")
+        print(f"{key + ' (' + unit + ')':<26}{''.join(cells)}{t * scale:>12.3f}{''.join(rcells)}")
     report["peak_bytes_10000"] = peak
     print(
         f"peak NumPy memory classifying 10000 images in one call: {peak / 2**20:.1f} MiB "
