@@ -3,9 +3,10 @@
     python benchmarks/flops.py --threads 2
 
 Counts the multiply-adds of every matrix product one training step performs (forward, weight
-and bias gradients, input gradients except for conv1, whose input is data), for the dilation
-and col2im input gradients, and for the useful work alone (what a perfect implementation must
-do: col2im's count). Then measures this machine's float32 GEMM rate on a large square product
+and bias gradients, input gradients except for conv1, whose input is data), for the three
+input-gradient methods: ``dilation-zeros`` (the literal zero-stuffed form: one product per
+kernel tap over the dilated, padded gradient), ``dilation`` (the phase form: one product per
+tap over G itself, which is the useful work) and ``col2im`` (``G @ Wmat``, the same count). Then measures this machine's float32 GEMM rate on a large square product
 and on each product shape the network uses, and prints the epoch-time floor: the products
 alone, at the measured rates, with nothing else (no copies, no elementwise passes).
 """
@@ -40,10 +41,12 @@ def gemms(batch, method):
         out.append((f"{name} weight grad", o, rows, k * k * c))
         if name == "conv1":
             continue  # the input gradient of the first layer is never needed
-        if method == "dilation":  # one product per kernel tap over the dilated, padded gradient
+        if method == "dilation-zeros":  # one product per tap over the dilated, padded gradient
             for tap in range(k * k):
                 rows_d = batch * (h + k - 1) * (w + k - 1)
                 out.append((f"{name} input grad tap {tap}", rows_d, o, c))
+        elif method == "dilation":  # per phase: G itself times the taps of that phase
+            out.append((f"{name} input grad (phases)", rows, o, k * k * c))
         else:  # dcol = G @ Wmat
             out.append((f"{name} input grad", rows, o, k * k * c))
     for name, i, o in LINEARS:
@@ -77,7 +80,7 @@ def main():
     print(f"machine: {machine()}  threads: {THREADS}")
     peak = gemm_rate(2048, 2048, 2048)
     print(f"float32 GEMM 2048^3: {peak:.0f} GFLOP/s\n")
-    for method in ("col2im", "dilation"):
+    for method in ("col2im", "dilation", "dilation-zeros"):
         rows = gemms(args.batch_size, method)
         flops = sum(2 * m * k * n for _, m, k, n in rows)
         t_shapes = 0.0
