@@ -6,7 +6,8 @@ Counts the multiply-adds of every matrix product one training step performs (for
 and bias gradients, input gradients except for conv1, whose input is data), for the three
 input-gradient methods: ``dilation-zeros`` (the literal zero-stuffed form: one product per
 kernel tap over the dilated, padded gradient), ``dilation`` (the phase form: one product per
-tap over G itself, which is the useful work) and ``col2im`` (``G @ Wmat``, the same count). Then measures this machine's float32 GEMM rate on a large square product
+tap over G itself, which is the useful work) and ``col2im`` (``G @ Wmat``, the same count).
+Then measures this machine's float32 GEMM rate on a large square product
 and on each product shape the network uses, and prints the epoch-time floor: the products
 alone, at the measured rates, with nothing else (no copies, no elementwise passes).
 """
