@@ -150,6 +150,21 @@ conv_cases = st.tuples(
 @settings(max_examples=30, deadline=None)
 @given(case=conv_cases, seed=st.integers(0, 2**31 - 1))
 def test_property_all_shapes(backend64, case, seed):
+    if backend64.family == "jax":  # eager JAX dispatches each operation: far fewer examples
+        pytest.skip("JAX runs test_property_all_shapes_jax (fewer examples)")
+    _property_all_shapes(backend64, case, seed)
+
+
+@settings(max_examples=5, deadline=None)
+@given(case=conv_cases, seed=st.integers(0, 2**31 - 1))
+def test_property_all_shapes_jax(backend64, case, seed):
+    """The same property on JAX, with fewer examples (each is dozens of eager dispatches)."""
+    if backend64.family != "jax":
+        pytest.skip("JAX only")
+    _property_all_shapes(backend64, case, seed)
+
+
+def _property_all_shapes(backend64, case, seed):
     """Any N, C, H, W, rectangular kernel, stride (3+ included) and padding: forward and every
     input-gradient method agree with the loops, and the methods with each other to float64
     precision."""

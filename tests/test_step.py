@@ -30,7 +30,7 @@ def _param(spec):
     return pytest.param(spec, marks=marks, id=spec)
 
 
-def _steps(spec, dtype, compile, rng_seed=0, steps=5, optimizer="sgd"):
+def _steps(spec, dtype, compile, rng_seed=0, steps=3, optimizer="sgd"):
     """``steps`` updates of a SimpleCNN on fixed random batches (the last one smaller), cosine
     learning rate; returns the final state dict and the losses."""
     rng = np.random.default_rng(rng_seed)
@@ -150,8 +150,8 @@ def test_compiled_predict_equals_eager(spec, rng):
 def small():
     d = datasets.load("mnist-5k")
     return datasets.Dataset(
-        "small", d.train_images[:300], d.train_labels[:300], d.test_images[:100],
-        d.test_labels[:100], d.source,
+        "small", d.train_images[:192], d.train_labels[:192], d.test_images[:64],
+        d.test_labels[:64], d.source,
     )  # fmt: skip
 
 
@@ -169,7 +169,7 @@ def test_train_compiles_by_default_where_it_can_and_resumes_exactly(small, tmp_p
 
     def interrupting(self, x, y, lr):
         calls["n"] += 1
-        if calls["n"] == 7:  # epoch 2, step 2
+        if calls["n"] == 5:  # epoch 2, step 2 (3 steps per epoch)
             signal.raise_signal(signal.SIGINT)
         return real(self, x, y, lr)
 
