@@ -17,16 +17,18 @@ import signal
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 
 from xpcnn import backends as B
 from xpcnn import checkpoint as ckpt
-from xpcnn import cli
+from xpcnn import cli, nn, optim
 from xpcnn import distributed as D
 from xpcnn import trainer as T
 
+import mpi_worker
 from conftest import max_rel_err
 from mpi_worker import CONFIGS, GPU_CONFIG, JAX_CONFIGS, run_config
 
@@ -129,6 +131,22 @@ class _FakeComm:
 
     def Allreduce(self, *args):
         raise AssertionError("not expected")
+
+    def allgather(self, value):  # rank 1 of 2 built its run on another dataset
+        other = dict(value, dataset=dict(value["dataset"], name="elsewhere"))
+        return [value, other]
+
+
+def test_ranks_that_built_different_runs_are_refused():
+    world = D.World(_FakeComm(0, 2), local_rank=0, local_size=2)
+    model = nn.SimpleCNN()
+    run = types.SimpleNamespace(
+        dataset_id=T.dataset_identity(mpi_worker.subset(64)), batch_size=32, epochs=1,
+        start_epoch=0, start_step=0, seed=0, model=model,
+        optimizer=optim.SGD(model.parameters(), lr=0.1),
+    )  # fmt: skip
+    with pytest.raises(D.DistributedError, match=r"rank 1 differs from rank 0 in its dataset"):
+        world.check_same_run(run)
 
 
 def test_gpu_is_picked_by_local_rank(monkeypatch):

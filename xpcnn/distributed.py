@@ -48,6 +48,7 @@ __all__ = [
     "Launch",
     "TRANSPORTS",
     "World",
+    "cuda_aware_mpi",
     "detect",
     "is_main_process",
     "quiet_unless_main",
@@ -355,6 +356,7 @@ class World:
         one rank prints one line and aborts the whole job (``MPI_Abort``)."""
         from .trainer import TrainingDiverged, TrainingInterrupted
 
+        self.check_same_run(run)
         try:
             self._broadcast_state(run.step)
             return loop(run)
@@ -364,12 +366,39 @@ class World:
             self.abort(exc)
             raise  # unreachable: abort does not return
 
+    def check_same_run(self, run) -> None:
+        """Raise `DistributedError` on every rank when the ranks did not build the same run
+        (another dataset on one machine, arguments computed per rank): their steps would not
+        match, and the first mismatched collective would hang."""
+        mine = {
+            "dataset": run.dataset_id,
+            "batch size": run.batch_size,
+            "epochs": run.epochs,
+            "start (epoch, step)": [run.start_epoch, run.start_step],
+            "seed": run.seed,
+            "model": [  # the weights themselves come from rank 0
+                type(run.model).__name__,
+                run.model.dtype,
+                [list(p.shape) for p in run.model.parameters()],
+            ],
+            "optimizer": run.optimizer.state_dict()[0],
+        }
+        runs = self.comm.allgather(mine)
+        for rank, other in enumerate(runs):
+            for key, value in other.items():
+                if value != runs[0][key]:
+                    raise DistributedError(
+                        f"rank {rank} differs from rank 0 in its {key}: {value!r:.120} instead "
+                        f"of {runs[0][key]!r:.120}; every rank must train the same run"
+                    )
+
     def abort(self, exc: BaseException) -> None:
         """Print ``exc`` in one line naming this rank, then end every rank (``MPI_Abort``)."""
         if isinstance(exc, KeyboardInterrupt):
             code, what = 130, "interrupted"
         else:
-            code, what = 1, f"error: {type(exc).__name__}: {exc}".rstrip(": ")
+            message = (str(exc).splitlines() or [""])[0]
+            code, what = 1, f"error: {type(exc).__name__}: {message}".rstrip(": ")
         if os.environ.get("XPCNN_TRACEBACK"):
             import traceback
 
