@@ -61,7 +61,9 @@ def mpiexec(n):
         sys.exit("no mpiexec: pip install 'xpcnn[mpi]'")
     cmd = [exe, "-n", str(n)]
     if "Open MPI" in subprocess.run([exe, "--version"], capture_output=True, text=True).stdout:
+        # a shared machine: no pinning to a busy core, and a waiting rank yields its core
         cmd += ["--oversubscribe", "--allow-run-as-root", "--bind-to", "none"]
+        cmd += ["--mca", "mpi_yield_when_idle", "1"]
     return cmd
 
 

@@ -10,7 +10,8 @@ rank); the test compares them with a single-process run. Scenarios:
   CPU with the compiled halves of the step);
 - ``resume``: an uninterrupted run, a run that rank 0 alone interrupts (SIGINT) mid-epoch, and
   its resume; then a run whose loss becomes NaN on rank 1 alone;
-- ``fail``: rank 1 raises during the third step;
+- ``fail``: rank 1 alone cannot start (an unknown device), then rank 1 raises during the
+  third step;
 - ``long``: many epochs; each rank writes its pid once training runs (the test kills one);
 - ``gpu DEVICE...``: `GPU_CONFIG` on each device (``cuda``, ``torch:cuda``, ``jax:cuda``, no
   index: each rank takes its GPU by local rank, so on a one-GPU machine both share it).
@@ -127,6 +128,12 @@ def resume(out):
 
 def fail(out):
     rank = xpcnn.distributed.detect().rank
+    try:
+        run_config("start", ("no-such-device" if rank == 1 else "cpu", "float32", "sgd", 64))
+        record = {}
+    except Exception as exc:
+        record = {"type": type(exc).__name__, "message": str(exc)}
+    (out / f"start-rank{rank}.json").write_text(json.dumps(record))
     calls = {"n": 0}
     real = TrainStep.gradients
 

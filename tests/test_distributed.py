@@ -332,7 +332,13 @@ def test_resume_with_two_ranks_is_exact(tmp_path, no_launch):
 
 
 def test_a_failing_rank_stops_the_job_with_one_message(tmp_path):
+    """A rank that cannot start: it raises its own error, the other a DistributedError naming
+    it (no hang). A rank that raises while training: one line, MPI_Abort, the job ends."""
     rc, stdout, stderr, seconds = _launch([sys.executable, WORKER, "fail", tmp_path], tmp_path, 60)
+    start = [json.loads((tmp_path / f"start-rank{r}.json").read_text()) for r in (0, 1)]
+    assert start[1]["type"] == "ValueError" and "no-such-device" in start[1]["message"]
+    assert start[0]["type"] == "DistributedError"
+    assert start[0]["message"].startswith("rank 1 failed to start: ValueError: unknown device")
     assert rc != 0
     assert stderr.count("xpcnn: rank 1 of 2: error: RuntimeError: injected failure") == 1, stderr
     assert "rank 0 of 2" not in stderr
