@@ -186,7 +186,7 @@ def _import_mpi(launch):
 _comms: dict = {}
 
 
-def setup(distributed=None) -> World | None:
+def setup(distributed: bool | str | object | None = None) -> World | None:
     """The `World` this process trains in, or None to train alone.
 
     ``distributed``: None (default) uses MPI when launched with more than one rank (`detect`);
@@ -291,7 +291,7 @@ class World:
         return f"World(rank {self.rank} of {self.size}, transport {self.transport})"
 
     # --- before the run ---------------------------------------------------------------------------
-    def device_for(self, device):
+    def device_for(self, device: str | object) -> str | object:
         """``device`` with a GPU picked by local rank when none is named: ``"cuda"``,
         ``"torch:cuda"`` and ``"jax:cuda"`` become ``...:N``, N = local rank modulo the GPUs
         visible (ranks share GPUs when there are more ranks than GPUs on a node)."""
@@ -350,7 +350,7 @@ class World:
                 f"OMP_NUM_THREADS=1 with Open MPI)"
             )
 
-    def run(self, loop: Callable, run):
+    def run(self, loop: Callable, run) -> object:
         """``loop(run)`` after taking rank 0's state, with failure handling: an error that all
         ranks raise together (divergence, an agreed stop) propagates; any other exception on
         one rank prints one line and aborts the whole job (``MPI_Abort``)."""
@@ -425,7 +425,9 @@ class World:
             step.set_state(*_rebuild([params, buffers, opt_state], leaves))
 
     # --- during the run ---------------------------------------------------------------------------
-    def step(self, data, order, start: int, stop: int, lr, due: bool):
+    def step(
+        self, data, order, start: int, stop: int, lr, due: bool
+    ) -> tuple[object, object, bool]:
         """One data-parallel step on global batch ``order[start:stop]``: returns the global
         mean loss, the global correct count and whether the display is due on any rank; sets
         the stop flag all ranks agreed on."""
@@ -437,7 +439,7 @@ class World:
             self._broadcast_buffers(self.parallel.step)
         return loss, correct, due_all
 
-    def _reduce_eval(self, loss_sum: float, correct: float, count: int):
+    def _reduce_eval(self, loss_sum: float, correct: float, count: int) -> tuple[float, float, int]:
         """Sums of this rank's test shard over all ranks (with the stop flag)."""
         from mpi4py import MPI
 
