@@ -238,6 +238,10 @@ def _cmd_train(args):
         input_grad=args.input_grad,
         compile=args.compile,
     )
+    from .distributed import is_main_process
+
+    if not is_main_process():  # a rank > 0 of an MPI job: rank 0 writes and reports
+        return 0
     if args.history:
         with open(args.history, "w") as f:
             json.dump(result.history, f, indent=1)
@@ -310,12 +314,21 @@ def _cmd_compare(args):
 
 
 def main(argv=None):
-    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    """Run the command line ``argv`` (default: sys.argv[1:]); returns the exit status. In an
+    MPI job only rank 0 prints (`xpcnn.distributed`); a rank that fails alone says so itself."""
+    from .distributed import quiet_unless_main
+
+    with quiet_unless_main():
+        return _main(argv)
+
+
+def _main(argv):
     import numpy as np
 
     from .backends import BackendUnavailable
     from .checkpoint import CheckpointError
     from .datasets import DatasetError
+    from .distributed import DistributedError
     from .trainer import TrainingDiverged, TrainingInterrupted
 
     try:
@@ -341,6 +354,7 @@ def main(argv=None):
         DatasetError,
         CheckpointError,
         BackendUnavailable,
+        DistributedError,
         ValueError,
         TypeError,
         OSError,

@@ -15,6 +15,7 @@ refused with the value that differs (or, where it is well defined, allowed and s
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import signal
@@ -27,6 +28,7 @@ import numpy as np
 
 from . import checkpoint as ckpt
 from . import datasets as ds
+from . import distributed as _dist
 from . import nn
 from ._namespace import array_namespace
 from .backends import Backend, get_backend, to_numpy
@@ -181,9 +183,10 @@ def _check_outputs(model, data):
         )
 
 
-def _evaluate_on(model, data, batch_size, sync, extra=()):
+def _evaluate_on(model, data, batch_size, sync, extra=(), reduce=None):
     """Mean loss and accuracy of ``model`` over ``data`` in chunks (bounded memory); ``extra``
-    device scalars are read back in the same transfer and returned after them."""
+    device scalars are read back in the same transfer and returned after them. ``reduce``
+    (data-parallel runs) sums (loss, correct, count) of this rank's shard over all ranks."""
     if data.count == 0:
         raise ValueError("the test set is empty: nothing to evaluate")
     was_training = model.training
@@ -200,7 +203,10 @@ def _evaluate_on(model, data, batch_size, sync, extra=()):
     finally:
         model.train(was_training)
     loss_total, correct_total, *rest = sync.read(loss_sum, correct, *extra)
-    return EvalResult(loss_total / data.count, correct_total / data.count, data.count), rest
+    count = data.count
+    if reduce is not None:  # xpcnn.distributed: every rank's shard
+        loss_total, correct_total, count = reduce(loss_total, correct_total, count)
+    return EvalResult(loss_total / count, correct_total / count, count), rest
 
 
 def evaluate(model, dataset="mnist-5k", device=None, batch_size=1000) -> EvalResult:
@@ -277,18 +283,24 @@ def _save(path, run, meta):
         )
     from . import __version__
 
-    ckpt.save(
-        path,
-        arrays,
-        dict(
-            meta,
-            model=model.config(),
-            dtype=model.dtype,
-            optimizer=config,
-            run=run.identity(),
-            xpcnn=__version__,
-        ),
-    )
+    def write():
+        ckpt.save(
+            path,
+            arrays,
+            dict(
+                meta,
+                model=model.config(),
+                dtype=model.dtype,
+                optimizer=config,
+                run=run.identity(),
+                xpcnn=__version__,
+            ),
+        )
+
+    if run.world is None:
+        write()
+    else:  # data-parallel: rank 0 writes, every rank returns once the file is complete
+        run.world.leader_writes(write)
     return path
 
 
@@ -340,6 +352,7 @@ class _Run:
             "compiled": bool(self.step.compiled),
             "device": self.backend.name,
             "seed": self.seed,
+            "world_size": 1 if self.world is None else self.world.size,
         }
 
     def last_good_text(self) -> str:
@@ -477,6 +490,12 @@ def _resume_checks(run, meta, path, explicit_batch):
                 f"{what} {saved.get(key)} -> {current[key]}: the same math, rounded "
                 "differently, so not bit-identical to the original run"
             )
+    saved_world = saved.get("world_size", 1)
+    if saved_world != current["world_size"]:  # each step is the same global batch either way
+        notes.append(
+            f"number of MPI ranks {saved_world} -> {current['world_size']}: the same global "
+            "batches and math, rounded differently, so not bit-identical to the original run"
+        )
     from . import __version__
 
     if meta.get("xpcnn") != __version__:
@@ -513,6 +532,7 @@ def train(
     schedule=None,
     compile=None,
     hooks=(),
+    distributed=None,
 ) -> TrainResult:
     """Train ``model`` (default: a fresh ``SimpleCNN(seed=seed)``) and return a `TrainResult`.
 
@@ -535,22 +555,33 @@ def train(
     input-gradient method; ``eval_batch_size`` bounds the memory of the per-epoch test
     evaluation; ``compile`` compiles the training step where the backend can (None: wherever
     it can, see `xpcnn.step.TrainStep`); ``hooks`` are extra `Hook` objects.
+    ``distributed`` trains data-parallel over MPI (`xpcnn.distributed`): None (default) when
+    started by mpiexec/srun with more than one rank, False never, True (or a transport name,
+    or an mpi4py communicator) always; ``batch_size`` is then the global batch, rank 0 prints
+    and writes checkpoints, and every rank returns the same weights.
     Raises `TrainingDiverged` when the loss, the weights or the optimizer state become
     non-finite (naming the last good checkpoint, if any), `TrainingInterrupted` after saving a
     checkpoint on Ctrl-C, ValueError/TypeError for bad arguments naming the argument,
     `xpcnn.checkpoint.CheckpointError`, `xpcnn.datasets.DatasetError` and
     `xpcnn.backends.BackendUnavailable` for unusable checkpoints, data or devices.
     """
-    run = _prepare(
-        model, device, dataset, epochs, batch_size, optimizer, lr, momentum, weight_decay, seed,
-        checkpoint, resume, progress, input_grad, eval_batch_size, schedule, compile, hooks,
-    )  # fmt: skip
-    return _loop(run)
+    world = _dist.setup(distributed)  # None outside an MPI job: nothing below changes
+    # in an MPI job, a rank that cannot start stops every rank, with one message
+    with contextlib.nullcontext() if world is None else world.agreement():
+        run = _prepare(
+            model, device if world is None else world.device_for(device), dataset, epochs,
+            batch_size, optimizer, lr, momentum, weight_decay, seed, checkpoint, resume,
+            progress, input_grad, eval_batch_size, schedule, compile, hooks, world=world,
+        )  # fmt: skip
+        if world is not None:
+            world.prepare(run)
+    return _loop(run) if world is None else world.run(_loop, run)
 
 
 def _prepare(
     model, device, dataset, epochs, batch_size, optimizer, lr, momentum, weight_decay, seed,
     checkpoint, resume, progress, input_grad, eval_batch_size, schedule, compile, hooks,
+    world=None,
 ):  # fmt: skip
     """Validate every argument and build the run (model, optimizer, step, data, resume state)."""
     epochs = DEFAULT_EPOCHS if epochs is None else _positive_int("epochs", epochs)
@@ -659,6 +690,7 @@ def _prepare(
         last_good=None,
         sync=HostSync(),
         notes=[],
+        world=world,
     )
     if compile and not step.compiled:
         run.notes.append(f"backend {backend.name} has no compiler; the step runs eagerly")
@@ -737,7 +769,8 @@ def _loop(run) -> TrainResult:
     for note in run.notes:
         run.hooks[0].write(f"note: {note}")
     try:
-        with _InterruptFlag() as interrupt, run.backend.activate():
+        flag = _InterruptFlag() if run.world is None else run.world.interrupt_flag()
+        with flag as interrupt, run.backend.activate():
             for epoch in range(run.start_epoch, run.epochs):
                 resumed = epoch == run.start_epoch
                 row = _epoch(run, epoch, run.start_step if resumed else 0, interrupt)
@@ -772,13 +805,20 @@ def _epoch(run, epoch, start, interrupt):
     import array_api_extra as xpx
 
     for step in range(start, steps):
-        x, y = data.batch(order[step * bs : min((step + 1) * bs, data.count)], run.model.dtype)
         lr = run.base_lr * run.schedule((epoch * steps + step) / (run.epochs * steps))
-        loss, correct = run.step(x, y, lr)
+        if run.world is None:
+            x, y = data.batch(order[step * bs : min((step + 1) * bs, data.count)], run.model.dtype)
+            loss, correct = run.step(x, y, lr)
+            now = time.perf_counter()
+            due = now - last >= REFRESH_SECONDS
+        else:  # data-parallel (xpcnn.distributed): this rank's slice, one allreduce, agreed flags
+            due = time.perf_counter() - last >= REFRESH_SECONDS
+            stop = min((step + 1) * bs, data.count)
+            loss, correct, due = run.world.step(data, order, step * bs, stop, lr, due)
+            now = time.perf_counter()
         losses = xpx.at(losses)[step].set(loss)
         corrects = xpx.at(corrects)[step].set(correct)
-        now = time.perf_counter()
-        if step == steps - 1 or interrupt.set or now - last >= REFRESH_SECONDS:
+        if step == steps - 1 or interrupt.set or due:
             last = now
             total, right, finite = run.sync.read(
                 xp.sum(losses * sizes), xp.sum(corrects), xp.all(xp.isfinite(losses))
@@ -800,8 +840,9 @@ def _epoch(run, epoch, start, interrupt):
     arrays = [*run.step.state()[0], *run.step.state()[1]]
     opt_arrays = list(run.optimizer.state_dict()[1].values())
     finite_flag = xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays + opt_arrays]))
+    reduce = None if run.world is None else run.world.reduce_eval  # data-parallel: shards
     test, (weights_finite,) = _evaluate_on(
-        run.model, run.test, run.eval_batch_size, run.sync, (xp.astype(finite_flag, dtype),)
+        run.model, run.test, run.eval_batch_size, run.sync, (xp.astype(finite_flag, dtype),), reduce
     )
     if not weights_finite or not (math.isfinite(test.loss) and math.isfinite(total)):
         raise TrainingDiverged(
