@@ -53,8 +53,9 @@ class JaxBackend(Backend):
             return True
         return devices == {self.device}
 
-    def compile(self, fn):
-        """``jax.jit(fn)``, donating the state arguments (the first three) on a GPU."""
+    def compile(self, fn, generator=None):
+        """``jax.jit(fn)``, donating the state arguments (the first three) on a GPU. A JAX
+        generator's key is an explicit argument of ``fn`` (`xpcnn.random`): nothing to do."""
         donate = (0, 1, 2) if self.on_gpu else ()
         return self.jax.jit(fn, donate_argnums=donate), True
 
