@@ -142,7 +142,12 @@ def build_parser():
     c.add_argument(
         "--weights",
         default=None,
-        help=".pth/.pt/.safetensors state dict or xpcnn checkpoint (default: a fresh SimpleCNN)",
+        help=".pth/.pt/.safetensors state dict or xpcnn checkpoint (default: a fresh --model)",
+    )
+    c.add_argument(
+        "--model",
+        default="simplecnn",
+        help="zoo model to compare when no --weights are given (simplecnn, lenet5, minivgg)",
     )
     c.add_argument(
         "--train-epochs",
@@ -273,6 +278,7 @@ def _cmd_compare(args):
 
         result = compare(
             args.weights,
+            model=args.model,
             dataset=args.dataset,
             device=args.device,
             train_epochs=args.train_epochs,

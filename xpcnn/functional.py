@@ -276,6 +276,22 @@ def _channel_shape(x):
     return (1, x.shape[1]) + (1,) * (x.ndim - 2)
 
 
+def _channel_sum(x):
+    """Sum of ``x`` over every axis but the channels (axis 1), as a (C,) vector: first over the
+    batch, then over the rest. In float32 this order matters: one reduction over (N, H, W)
+    of an NHWC-strided array adds tens of thousands of values one after another (NumPy sums
+    pairwise only along a contiguous axis), a relative error of 1e-4 for batch 128 at 28x28;
+    two shorter reductions keep it near 1e-6."""
+    xp = array_namespace(x)
+    s = xp.sum(x, axis=0)
+    return s if s.ndim == 1 else xp.sum(s, axis=tuple(range(1, s.ndim)))
+
+
+def _channel_mean(x):
+    """Mean over every axis but the channels (see `_channel_sum`), a (C,) vector."""
+    return _channel_sum(x) / float(x.size // x.shape[1])
+
+
 def batch_norm_train(x, weight, bias, eps):
     """Batch normalisation with the batch's own statistics (training mode).
 
@@ -284,11 +300,10 @@ def batch_norm_train(x, weight, bias, eps):
     and the per-channel batch mean and *biased* variance, (C,) each.
     """
     xp = array_namespace(x)
-    axes = (0,) + tuple(range(2, x.ndim))
     shape = _channel_shape(x)
-    mean = xp.mean(x, axis=axes)
+    mean = _channel_mean(x)
     centred = x - xp.reshape(mean, shape)
-    var = xp.mean(centred * centred, axis=axes)
+    var = _channel_mean(centred * centred)
     inv_std = 1.0 / xp.sqrt(var + eps)
     xhat = centred * xp.reshape(inv_std, shape)
     y = xhat
@@ -301,16 +316,15 @@ def batch_norm_backward(g, xhat, inv_std, weight):
     """Gradients of `batch_norm_train` from ``g = dL/dy``: ``(dx, dweight, dbias)``; the last
     two are None when there is no ``weight``."""
     xp = array_namespace(g, xhat)
-    axes = (0,) + tuple(range(2, g.ndim))
     shape = _channel_shape(g)
     dweight = dbias = None
     dxhat = g
     if weight is not None:
-        dbias = xp.sum(g, axis=axes)
-        dweight = xp.sum(g * xhat, axis=axes)
+        dbias = _channel_sum(g)
+        dweight = _channel_sum(g * xhat)
         dxhat = g * xp.reshape(weight, shape)
-    mean_dxhat = xp.mean(dxhat, axis=axes, keepdims=True)
-    mean_dxhat_xhat = xp.mean(dxhat * xhat, axis=axes, keepdims=True)
+    mean_dxhat = xp.reshape(_channel_mean(dxhat), shape)
+    mean_dxhat_xhat = xp.reshape(_channel_mean(dxhat * xhat), shape)
     dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * xp.reshape(inv_std, shape)
     return dx, dweight, dbias
 
@@ -343,11 +357,10 @@ def batch_norm_eval_backward(g, x, running_mean, running_var, weight, eps):
     sqrt(running_var + eps)``, ``dweight = sum g * xhat``, ``dbias = sum g``; returns
     ``(dx, dweight, dbias)`` (the last two None without ``weight``)."""
     xp = array_namespace(g, x)
-    axes = (0,) + tuple(range(2, g.ndim))
     shape = _channel_shape(g)
     inv_std = 1.0 / xp.sqrt(running_var + eps)
     if weight is None:
         return g * xp.reshape(inv_std, shape), None, None
     xhat = (x - xp.reshape(running_mean, shape)) * xp.reshape(inv_std, shape)
     dx = g * xp.reshape(inv_std * weight, shape)
-    return dx, xp.sum(g * xhat, axis=axes), xp.sum(g, axis=axes)
+    return dx, _channel_sum(g * xhat), _channel_sum(g)

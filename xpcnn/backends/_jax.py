@@ -92,5 +92,8 @@ def make(arg):
             f"JAX {jax.__version__} has no {kind} device ({str(exc).splitlines()[0]})"
         ) from None
     xp = jax.numpy  # what array_api_compat.array_namespace returns for jax arrays
+    from .. import kernels
+
+    kernels.register(xp, "erf", jax.scipy.special.erf)  # the Array API has no erf
     name = "jax:cpu" if device.platform == "cpu" else f"jax:cuda:{device.id}"
     return JaxBackend(name, xp, device, jax)

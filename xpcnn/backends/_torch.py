@@ -154,9 +154,10 @@ class CudaGraphFunction:
 
 def _register_hooks(xp, torch):
     """torch's own fused operators for ReLU and its gradient (the Array API fallback,
-    ``maximum(x, 0.0)``, would copy the 0 to the GPU at every call)."""
+    ``maximum(x, 0.0)``, would copy the 0 to the GPU at every call), and its erf."""
     kernels.register(xp, "relu", torch.relu)
     kernels.register(xp, "relu_backward", lambda g, y: torch.ops.aten.threshold_backward(g, y, 0))
+    kernels.register(xp, "erf", torch.special.erf)
 
 
 def make(arg):
