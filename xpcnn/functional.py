@@ -8,6 +8,8 @@ every function can be traced by ``jax.jit`` or captured in a CUDA graph.
 
 from __future__ import annotations
 
+import math
+
 from array_api_compat import device
 
 from ._namespace import array_namespace
@@ -289,7 +291,7 @@ def _channel_sum(x):
 
 def _channel_mean(x):
     """Mean over every axis but the channels (see `_channel_sum`), a (C,) vector."""
-    return _channel_sum(x) / float(x.size // x.shape[1])
+    return _channel_sum(x) / float(math.prod(x.shape) // x.shape[1])
 
 
 def batch_norm_train(x, weight, bias, eps):
