@@ -10,7 +10,7 @@ import pytest
 
 from xpcnn import functional as F
 from xpcnn import nn, optim, random
-from xpcnn.backends import to_numpy
+from xpcnn.backends import get_backend, to_numpy
 from xpcnn.step import TrainStep
 
 from conftest import assert_close
@@ -129,10 +129,13 @@ def test_train_mode_matches_torch_autograd(backend_dtype, rng, ours, theirs, sha
             assert_close(b.data, expected[name].numpy(), dtype, name, backend=backend)
 
 
-@pytest.mark.parametrize("ours, theirs, shape, params", CASES)
+EVAL_CASES = [c for c in CASES if c.id.startswith("BatchNorm")]
+
+
+@pytest.mark.parametrize("ours, theirs, shape, params", EVAL_CASES)
 def test_eval_mode_matches_torch(backend_dtype, rng, ours, theirs, shape, params):
-    """Eval mode: batch norm normalises with its running statistics and keeps nothing for a
-    backward pass (which then refuses)."""
+    """Eval mode: batch norm normalises with its running statistics, changes no state and keeps
+    nothing for a backward pass (which then refuses)."""
     backend, dtype = backend_dtype
     layer, twin = _pair(ours, theirs, backend, dtype, rng)
     layer.eval()
@@ -209,6 +212,21 @@ def test_gradients_match_finite_differences(backend64, rng, ours, theirs, shape,
         p.data = backend.asarray(base, "float64")
         numeric = (values[0] - values[1]) / (2 * eps)
         assert np.sum(grads[name] * dp) == pytest.approx(numeric, rel=1e-6, abs=1e-8), name
+
+
+@pytest.mark.parametrize("ours, theirs, shape, params", CASES)
+def test_eval_mode_keeps_nothing(rng, ours, theirs, shape, params):
+    """Every layer in eval mode: the training-mode output (the same math but for batch norm,
+    tested above), no cache, and backward refuses."""
+    layer, twin = _pair(ours, theirs, get_backend("cpu"), "float64", rng)
+    layer.eval()
+    twin.eval()
+    x = _input(rng, shape)
+    with torch.no_grad():
+        np.testing.assert_allclose(layer(x), twin(torch.from_numpy(x)).numpy(), rtol=1e-12)
+    assert layer._cache is None
+    with pytest.raises(RuntimeError, match="needs a forward"):
+        layer.backward(np.zeros(layer(x).shape))
 
 
 # --- max pooling: ties and NaN as PyTorch resolves them -------------------------------------------
