@@ -1,5 +1,9 @@
 """Layers and models: thin stateful wrappers around the math in `xpcnn.conv` and `xpcnn.functional`.
 
+This module holds the base class, Conv2d, Linear, ReLU, Flatten, Sequential and SimpleCNN; the
+pooling, batch-norm, dropout and other activation layers live in `xpcnn.layers` and are
+imported here, so ``nn.MaxPool2d`` works like ``torch.nn.MaxPool2d``.
+
 Every layer has ``forward(x)`` (also ``layer(x)``) and ``backward(grad_out) -> grad_in``. In
 training mode (the default) forward keeps what backward needs; backward stores each parameter's
 gradient in ``param.grad`` (overwriting, not accumulating) and releases that cache. In eval mode

@@ -87,9 +87,7 @@ class Generator:
 
     def bernoulli(self, p, shape):
         """A boolean array of ``shape``, each element True with probability ``p``."""
-        xp = self.backend.xp
-        dtype = "float32" if self.backend.name == "strict:no_float64" else "float64"
-        return self.uniform(shape, dtype) < xp.asarray(p, dtype=self.backend.dtype(dtype))
+        return self.uniform(shape, "float32") < float(p)
 
     def integers(self, low, high, shape):
         """int64 integers uniform in ``[low, high)`` of ``shape``."""
