@@ -194,7 +194,10 @@ def check_page(r):
     for key, _ in BLOCKS:
         if fmt(r[key]) not in page:
             problems.append(f"{PAGE.name}: the block for {key} differs from:\n{fmt(r[key])}")
-    modules = "conv|functional|nn|optim|trainer|datasets|checkpoint|backends|plots"
+    modules = (
+        "conv|functional|nn|optim|trainer|datasets|checkpoint|backends|plots|pool|layers|models"
+        "|random|augment|interop|reference|compare|step|kernels"
+    )
     pattern = re.compile(rf"xpcnn\.({modules})\.(\w+)")
     for md in sorted(DOCS.rglob("*.md")):
         for module, name in set(pattern.findall(md.read_text())):

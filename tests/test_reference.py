@@ -6,6 +6,7 @@ import pathlib
 import numpy as np
 import pytest
 
+import xpcnn
 from xpcnn import datasets
 from xpcnn import reference as R
 
@@ -14,6 +15,8 @@ from torch_model import torch_simple_cnn
 torch = pytest.importorskip("torch")
 
 TIGHT = {"rtol": 1e-10, "atol": 1e-13}
+#: SimpleCNN's layout, read from its config (the reference spells no architecture itself).
+LAYOUT = xpcnn.nn.Sequential.config(xpcnn.SimpleCNN())
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def test_forward_matches_torch(net_and_batch):
     net, state, x, _ = net_and_batch
     with torch.no_grad():
         expected = net(torch.from_numpy(x)).numpy()
-    logits = R.forward(state, x)
+    logits = R.forward(state, x, LAYOUT)
     assert logits.dtype == np.float64 and logits.shape == (16, 10)
     np.testing.assert_allclose(logits, expected, **TIGHT)
 
@@ -42,7 +45,7 @@ def test_loss_and_every_gradient_match_autograd(net_and_batch):
     net.zero_grad()
     loss_t = torch.nn.functional.cross_entropy(net(torch.from_numpy(x)), torch.from_numpy(y))
     loss_t.backward()
-    loss, grads = R.loss_and_grads(state, x, y)
+    loss, grads = R.loss_and_grads(state, x, y, LAYOUT)
     assert loss == pytest.approx(loss_t.item(), rel=1e-12)
     assert list(grads) == [k for k, _ in net.named_parameters()]
     for name, p in net.named_parameters():
@@ -81,11 +84,11 @@ def test_missing_parameters_are_named(net_and_batch):
     _, state, x, _ = net_and_batch
     partial = {k: v for k, v in state.items() if k != "conv2.bias"}
     with pytest.raises(ValueError, match="conv2.bias"):
-        R.forward(partial, x)
+        R.forward(partial, x, LAYOUT)
 
 
 def test_reference_is_independent_of_xpcnn_math():
-    """It must import nothing from xpcnn (least of all conv/functional), only NumPy."""
+    """It must import nothing from xpcnn (least of all conv/functional), only NumPy and math."""
     tree = ast.parse(pathlib.Path(R.__file__).read_text())
     imported = set()
     for node in ast.walk(tree):
@@ -93,4 +96,4 @@ def test_reference_is_independent_of_xpcnn_math():
             imported |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             imported.add("." * node.level + (node.module or ""))
-    assert imported <= {"numpy", "__future__"}, imported
+    assert imported <= {"numpy", "math", "__future__"}, imported

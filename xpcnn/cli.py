@@ -74,7 +74,14 @@ def build_parser():
     parser = _Parser(prog="xpcnn", description="CNNs with hand-written gradients on the Array API.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    t = sub.add_parser("train", help="train SimpleCNN (default: embedded MNIST digits, CPU)")
+    t = sub.add_parser("train", help="train a model (default: SimpleCNN on embedded MNIST digits)")
+    t.add_argument(
+        "--model",
+        default=None,
+        metavar="NAME|CONFIG.json",
+        help="a zoo model (simplecnn, lenet5, minivgg; default simplecnn) or a JSON model "
+        "config; a zoo model's recipe sets every option below left unset",
+    )
     t.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N, torch, torch:cuda:N, ...")
     t.add_argument(
         "--dataset",
@@ -93,7 +100,9 @@ def build_parser():
         default=None,
         help="images per step (default 128, or the checkpoint's on --resume)",
     )
-    t.add_argument("--optimizer", choices=["sgd", "adam"], default="sgd")
+    t.add_argument(
+        "--optimizer", choices=["sgd", "adam"], default=None, help="update rule (default sgd)"
+    )
     t.add_argument(
         "--lr",
         type=_non_negative_float,
@@ -115,6 +124,13 @@ def build_parser():
         choices=sorted(SCHEDULES),
         default=None,
         help="learning-rate schedule (default cosine, or the checkpoint's on --resume)",
+    )
+    t.add_argument(
+        "--augment",
+        default=None,
+        metavar="SPEC",
+        help="augmentation on the device: crop (pad 2), cropN, flip, joined by '+' "
+        "(crop+flip), or none (default: the model's recipe, or the checkpoint's on --resume)",
     )
     t.add_argument("--seed", type=_non_negative_int, default=0)
     t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -171,7 +187,12 @@ def build_parser():
     c.add_argument(
         "--weights",
         default=None,
-        help=".pth/.pt/.safetensors state dict or xpcnn checkpoint (default: a fresh SimpleCNN)",
+        help=".pth/.pt/.safetensors state dict or xpcnn checkpoint (default: a fresh --model)",
+    )
+    c.add_argument(
+        "--model",
+        default="simplecnn",
+        help="zoo model to compare when no --weights are given (simplecnn, lenet5, minivgg)",
     )
     c.add_argument(
         "--train-epochs",
@@ -206,37 +227,54 @@ def build_parser():
 
 
 def _cmd_train(args):
+    from . import models
     from . import trainer as T
-    from .nn import SimpleCNN
 
     if args.plot:
         _require_matplotlib()
     if args.resume and not args.checkpoint:
         raise _UsageError("xpcnn train: --resume needs --checkpoint PATH")
+    if args.augment is not None:
+        from .augment import parse
+
+        parse(args.augment)  # a bad spec is a usage error before any data is read
+    settings = {
+        "epochs": args.epochs,
+        "batch_size": args.batch_size,
+        "optimizer": args.optimizer,
+        "lr": args.lr,
+        "momentum": args.momentum,
+        "weight_decay": args.weight_decay,
+        "schedule": args.schedule,
+        "augment": args.augment,
+    }
     model = None
-    if not args.resume:
+    if not args.resume or args.model:
         from .datasets import load
 
         data = load(args.dataset)
-        model = SimpleCNN(num_classes=data.num_classes, seed=args.seed, dtype=args.dtype)
+        name = args.model or "simplecnn"
+        if models.is_config_path(name):
+            model = models.load_config(name, dtype=args.dtype)
+            recipe = models.recipe("simplecnn")
+        else:
+            model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)
+            recipe = models.recipe(name)
+        if not args.resume:
+            defaults = recipe.settings()
+            settings = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
         args.dataset = data
     result = T.train(
         model,
         device=args.device,
         dataset=args.dataset,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
         seed=args.seed,
         checkpoint=args.checkpoint,
         resume=args.resume,
         progress=args.progress,
-        schedule=args.schedule,
         input_grad=args.input_grad,
         compile=args.compile,
+        **settings,
     )
     from .distributed import is_main_process
 
@@ -292,6 +330,7 @@ def _cmd_compare(args):
 
         result = compare(
             args.weights,
+            model=args.model,
             dataset=args.dataset,
             device=args.device,
             train_epochs=args.train_epochs,

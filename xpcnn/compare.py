@@ -1,5 +1,6 @@
 """The same weights in PyTorch, in the naive loop reference and in xpcnn: do they agree, and
-how fast is each? What ``xpcnn compare`` and ``examples/compare_pytorch.py`` run.
+how fast is each? What ``xpcnn compare`` and ``examples/compare_pytorch.py`` run, for any zoo
+model (`xpcnn.models`) or a checkpoint of one.
 
 All three see identical inputs: the test images scaled to [0, 1] in float32. PyTorch and xpcnn
 compute in float32; the naive reference (`xpcnn.reference`) computes in float64 from the same
@@ -22,7 +23,7 @@ from .backends import get_backend
 from .datasets import Dataset
 from .datasets import load as load_dataset
 from .functional import cross_entropy
-from .nn import SimpleCNN
+from .nn import Dropout, Sequential
 
 __all__ = ["compare", "format_report", "load_weights"]
 
@@ -32,8 +33,9 @@ WARM_UP_SECONDS = 0.3
 
 
 def load_weights(path):
-    """A float32 `SimpleCNN` from a ``.pth``/``.pt``/``.safetensors`` state dict or an xpcnn
-    checkpoint (any other extension is read as a checkpoint)."""
+    """A float32 model from a ``.pth``/``.pt``/``.safetensors`` state dict (matched against the
+    zoo by its names and shapes, `xpcnn.interop.from_torch`) or an xpcnn checkpoint (any other
+    extension is read as a checkpoint)."""
     from .checkpoint import CheckpointError
     from .trainer import load_checkpoint
 
@@ -46,10 +48,12 @@ def load_weights(path):
         raise CheckpointError(
             f"{exc} (weights must be .pth, .pt, .safetensors or an xpcnn checkpoint)"
         ) from None
-    if not isinstance(model, SimpleCNN):
-        raise ValueError(
-            f"{path}: holds a {model.config()['type']}, the comparison needs a SimpleCNN"
-        )
+    if not isinstance(model, Sequential):
+        raise ValueError(f"{path}: holds a {model.config()['type']}, not a Sequential network")
+    try:
+        R.layer_list(Sequential.config(model))
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
     return model.to(dtype="float32")
 
 
@@ -107,6 +111,7 @@ def _blas_limit(threads):
 def compare(
     weights=None,
     *,
+    model="simplecnn",
     dataset="mnist-5k",
     device="cpu",
     train_epochs=None,
@@ -121,18 +126,23 @@ def compare(
 ):
     """Run the three-way comparison and return its numbers as a JSON-able dict.
 
-    ``weights`` is a file for `load_weights`; without it a fresh ``SimpleCNN(seed=seed)`` is
-    used. With ``train_epochs`` xpcnn first trains the model (from ``weights`` if given).
+    ``weights`` is a file for `load_weights`; without it a fresh zoo ``model`` (a name, default
+    ``"simplecnn"``) drawn from ``seed`` is used. With ``train_epochs`` xpcnn first trains the
+    model (from ``weights`` if given) with its zoo recipe's optimizer settings.
     ``limit`` caps the number of test images; ``threads`` sets ``torch.set_num_threads`` (and
     NumPy's BLAS threads when threadpoolctl is installed) for the whole run.
     """
     torch = interop._torch()
     data = dataset if isinstance(dataset, Dataset) else load_dataset(dataset)
     backend = get_backend(device)
+    from . import models
+
+    name = str(model)
     if weights is not None:
         model, source = load_weights(weights), os.fspath(weights)
     else:
-        model, source = SimpleCNN(data.num_classes, seed=seed), f"fresh SimpleCNN(seed={seed})"
+        model = models.create(name, data.num_classes, seed=seed)
+        source = f"fresh {type(model).__name__}(seed={seed})"
     if train_epochs:
         from .trainer import train
 
@@ -141,6 +151,7 @@ def compare(
     model.to(backend, "float32").eval()
     net = interop.to_torch(model)
     state64 = {k: v.astype(np.float64) for k, v in model.state_dict().items()}
+    layout = Sequential.config(model)
 
     n = len(data.test_images) if limit is None else min(limit, len(data.test_images))
     images = data.test_images[:n, None].astype(np.float32) / np.float32(255)
@@ -156,15 +167,16 @@ def compare(
     blas_limit, blas_threads = _blas_limit(threads)
     try:
         with blas_limit:
-            predict = _predictors(torch, net, model, backend, state64)
+            predict = _predictors(torch, net, model, backend, state64, layout)
             result = _inference(predict, images, labels, counts, batch_size, repeats)
             result["train_step"] = _train_step(
-                torch, net, model, backend, data, state64, grad_batch, repeats
+                torch, net, model, backend, data, state64, layout, grad_batch, repeats
             )
     finally:
         torch.set_num_threads(previous_threads)
     result["config"] = {
         "weights": source,
+        "model": model.config(),
         "dataset": data.name,
         "device": backend.name,
         "test_images": n,
@@ -187,7 +199,7 @@ def compare(
     return result
 
 
-def _predictors(torch, net, model, backend, state64):
+def _predictors(torch, net, model, backend, state64, layout):
     """Host float32 images (N, 1, H, W) -> host logits, for each implementation."""
 
     def torch_predict(x):
@@ -198,7 +210,7 @@ def _predictors(torch, net, model, backend, state64):
         return backend.to_host(model(backend.asarray(x, "float32")))
 
     def naive_predict(x):
-        return R.forward(state64, x.astype(np.float64))
+        return R.forward(state64, x.astype(np.float64), layout)
 
     return {"torch": torch_predict, "xpcnn": xpcnn_predict, "naive": naive_predict}
 
@@ -230,8 +242,25 @@ def _inference(predict, images, labels, counts, batch_size, repeats):
     }
 
 
-def _train_step(torch, net, model, backend, data, state64, batch, repeats):
-    """Loss, every parameter's gradient and the time of one training step, for all three."""
+def _dropout_off(torch, net, model):
+    """Set every dropout probability to 0 (in place); returns a function that restores them.
+    The three implementations would draw different masks, so gradients are compared without."""
+    layers = [m for m in model.modules() if isinstance(m, Dropout)]
+    torch_layers = [m for m in net.modules() if isinstance(m, torch.nn.Dropout)]
+    saved = [m.p for m in layers], [m.p for m in torch_layers]
+    for m in layers + torch_layers:
+        m.p = 0.0
+
+    def restore():
+        for m, p in zip(layers + torch_layers, saved[0] + saved[1], strict=True):
+            m.p = p
+
+    return restore
+
+
+def _train_step(torch, net, model, backend, data, state64, layout, batch, repeats):
+    """Loss, every parameter's gradient and the time of one training step, for all three
+    (training mode: batch norm uses the batch's statistics; dropout is off, `_dropout_off`)."""
     batch = min(batch, len(data.train_images))
     x = data.train_images[:batch, None].astype(np.float32) / np.float32(255)
     y = data.train_labels[:batch].astype(np.int64)
@@ -253,6 +282,7 @@ def _train_step(torch, net, model, backend, data, state64, batch, repeats):
         model.backward(grad, need_input_grad=False)
         return float(loss)
 
+    restore = _dropout_off(torch, net, model)
     loss = {"torch": torch_step(), "xpcnn": xpcnn_step()}
     grads = {
         "torch": {k: p.grad.numpy().copy() for k, p in net.named_parameters()},
@@ -263,8 +293,9 @@ def _train_step(torch, net, model, backend, data, state64, batch, repeats):
         "xpcnn": _median_seconds(xpcnn_step, repeats),
     }
     t0 = time.perf_counter()
-    loss["naive"], grads["naive"] = R.loss_and_grads(state64, x.astype(np.float64), y)
+    loss["naive"], grads["naive"] = R.loss_and_grads(state64, x.astype(np.float64), y, layout)
     seconds["naive"] = time.perf_counter() - t0
+    restore()
     net.eval()
     model.eval()
     return {
@@ -287,6 +318,7 @@ def format_report(r):
     lat = c["latency_images"]
     lines = [
         f"weights: {c['weights']}",
+        f"model: {c.get('model', {}).get('type', '?')}",
         f"data: {c['test_images']} test images of {c['dataset']}",
         f"machine: {m['platform']}, {m['processor']}, {m['cpu_count']} CPUs; python "
         f"{m['python']}, numpy {m['numpy']}, torch {m['torch']}",
@@ -314,7 +346,8 @@ def format_report(r):
         f"{'naive':>12}",
         _row("loss", s["loss"], "{:.6f}"),
         _row("time (ms)", s["time_ms"], "{:.2f}"),
-        f"  (torch, xpcnn: median of {c['repeats']} steps; naive: one step)",
+        f"  (torch, xpcnn: median of {c['repeats']} steps; naive: one step; training mode, "
+        "dropout off in all three)",
         "",
         f"{'gradient max |diff|':<32}{'max |grad|':>12}"
         + "".join(f"{a + ' vs ' + b:>18}" for a, b in PAIRS),

@@ -43,6 +43,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from . import random
+
 __all__ = [
     "DistributedError",
     "Launch",
@@ -280,6 +282,7 @@ class World:
 
     def __init__(self, comm, local_rank: int, local_size: int, transport: str = "auto"):
         self.comm = comm
+        self.augment = None  # set by prepare: the run's augmentation, applied per slice
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
         self.local_rank, self.local_size = local_rank, local_size
         self.requested = transport
@@ -328,6 +331,7 @@ class World:
         backend = run.backend
         self.transport = _choose_transport(self.requested, backend, self.comm)
         self.parallel = _ParallelStep(self, run.step, self.transport)
+        self.augment = getattr(run, "augment", None) or None  # applied to this rank's slice
         if run.test.count >= self.size:
             lo, hi = shard(run.test.count, self.size, self.rank)
             images, labels = run.data.test_images[lo:hi], run.data.test_labels[lo:hi]
@@ -577,8 +581,10 @@ class _ParallelStep:
     # pure functions of arrays (what the backend compiles). A backend may donate the first
     # three arguments (JAX on a GPU): nothing for the gradients (empty placeholders keep the
     # parameters alive), the parameters and optimizer state for the update, not the buffer.
-    def _flat_gradients(self, _a, _b, _c, params, buffers, x, labels, weight):
-        grads, buffers, loss, correct = self.step.gradients(params, buffers, x, labels)
+    def _flat_gradients(self, _a, _b, _c, params, buffers, x, labels, weight, key):
+        # dropout draws from the step's generator; a JAX key goes in and the advanced one out
+        with random.using(self.step.generator.with_key(key)) as gen:
+            grads, buffers, loss, correct = self.step.gradients(params, buffers, x, labels)
         self.missing = {i for i, g in enumerate(grads) if g is None}
         xp = self.backend.xp
         parts = [
@@ -587,7 +593,7 @@ class _ParallelStep:
         ]
         zero = xp.zeros_like(loss)
         tail = xp.stack([loss * weight, xp.astype(correct, loss.dtype), zero, zero])
-        return xp.concat([*parts, tail]), buffers
+        return xp.concat([*parts, tail]), buffers, gen.key
 
     def _apply(self, params, opt_state, _a, flat, lr):
         xp = self.backend.xp
@@ -608,7 +614,14 @@ class _ParallelStep:
         lo, hi = shard(total, world.size, world.rank)
         if hi > lo:
             x, y = data.batch(order[start + lo : start + hi], step.model.dtype)
-            flat, buffers = self._grad((), (), (), params, buffers, x, y, (hi - lo) / total)
+            gen = step.generator
+            if world.augment:
+                x = world.augment(x, gen)
+            flat, buffers, key = self._grad(
+                (), (), (), params, buffers, x, y, (hi - lo) / total, gen.key
+            )
+            if gen.functional:
+                gen.key = key
         else:  # fewer images in this global batch than ranks: contribute nothing
             if self._zeros is None:
                 xp = self.backend.xp

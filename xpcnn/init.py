@@ -63,6 +63,13 @@ def constant(shape, value: float) -> np.ndarray:
     return np.full(shape, float(value))
 
 
+def counter(shape=()) -> np.ndarray:
+    """An int64 host array of zeros (batch norm's ``num_batches_tracked``)."""
+    if is_deferred():
+        return _placeholder(shape)
+    return np.zeros(shape, dtype=np.int64)
+
+
 def child_seeds(seed, count: int) -> list:
     """``count`` independent seeds derived from one (for the layers of a model)."""
     if not isinstance(seed, np.random.SeedSequence):

@@ -1,5 +1,5 @@
-"""Weights in and out of PyTorch: the same `SimpleCNN` in ``torch.nn``, state-dict files, and
-conversions both ways.
+"""Weights in and out of PyTorch: the same networks in ``torch.nn``, state-dict files, and
+conversions both ways (every zoo model, and any ``nn.Sequential`` of the layers in `SUPPORTED`).
 
 xpcnn and PyTorch name and lay out parameters identically (``conv1.weight`` is
 ``(out, in, kh, kw)``), so moving a model is copying arrays; float32 values arrive bit for bit.
@@ -23,15 +23,17 @@ import numpy as np
 
 from .backends import to_numpy
 from .checkpoint import atomic_write
-from .nn import Conv2d, Flatten, Linear, Module, ReLU, Sequential, SimpleCNN
+from .nn import Module, Sequential, SimpleCNN
 
 __all__ = [
+    "SUPPORTED",
     "from_torch",
     "load_state_dict_file",
     "save_pth",
     "save_safetensors",
     "to_torch",
     "to_torch_state_dict",
+    "torch_model",
     "torch_simple_cnn",
 ]
 
@@ -60,24 +62,15 @@ def _safetensors_numpy():
 def torch_simple_cnn(num_classes=10):
     """The seed notebook's network as a ``torch.nn.Sequential`` with PyTorch's default init.
 
-    Its layers carry the names of `xpcnn.SimpleCNN`'s (``conv1``, ``relu1``, ..., ``fc2``), so
-    both state dicts have the same keys.
+    Built from `xpcnn.SimpleCNN`'s own layers (`torch_model`), so the architecture is written
+    once; its layers carry the same names (``conv1``, ``relu1``, ..., ``fc2``) and both state
+    dicts have the same keys.
     """
-    nn = _torch().nn
-    return nn.Sequential(
-        OrderedDict(
-            conv1=nn.Conv2d(1, 32, kernel_size=2, stride=2, padding=0),
-            relu1=nn.ReLU(),
-            conv2=nn.Conv2d(32, 64, kernel_size=2, stride=2, padding=1),
-            relu2=nn.ReLU(),
-            conv3=nn.Conv2d(64, 128, kernel_size=2, stride=2, padding=0),
-            relu3=nn.ReLU(),
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(128 * 4 * 4, 250),
-            relu4=nn.ReLU(),
-            fc2=nn.Linear(250, num_classes),
-        )
-    )
+    from . import init
+
+    with init.deferred():  # only the layout is needed: no weights drawn
+        model = SimpleCNN(num_classes)
+    return torch_model(model)
 
 
 # --- files ----------------------------------------------------------------------------------------
@@ -180,71 +173,232 @@ def to_torch_state_dict(model):
 
 
 def _torch_layer(module):
+    """The ``torch.nn`` layer (PyTorch's own initial weights) that computes what ``module``
+    does; a `Sequential` (or zoo model) becomes an ``nn.Sequential`` under the same names."""
     nn = _torch().nn
     if isinstance(module, Sequential):
         return nn.Sequential(OrderedDict((n, _torch_layer(m)) for n, m in module.children()))
-    if isinstance(module, Conv2d):
-        return nn.Conv2d(
-            module.in_channels,
-            module.out_channels,
-            kernel_size=module.kernel_size,
-            stride=module.stride,
-            padding=module.padding,
-            bias=module.has_bias,
-        )
-    if isinstance(module, Linear):
-        return nn.Linear(module.in_features, module.out_features, bias=module.has_bias)
-    if isinstance(module, ReLU):
-        return nn.ReLU()
-    if isinstance(module, Flatten):
-        return nn.Flatten()
-    raise TypeError(f"to_torch: no torch.nn equivalent for {module.label}")
+    kind = type(module).__name__
+    build = _TO_TORCH.get(kind)
+    if build is None:
+        raise TypeError(f"to_torch: no torch.nn equivalent for {module.label}")
+    return build(nn, module)
+
+
+def _ints(*pairs):
+    """(h, w) pairs as torch.nn's pooling layers print them when written by hand: ``2`` for
+    ``(2, 2)`` (torch keeps what it was given, so ``MaxPool2d(2)`` and ``MaxPool2d((2, 2))``
+    differ in their repr, though not in what they compute)."""
+    return [p[0] if p[0] == p[1] else p for p in pairs]
+
+
+#: xpcnn layer class name -> torch.nn layer with the same settings.
+_TO_TORCH = {
+    "Conv2d": lambda nn, m: nn.Conv2d(
+        m.in_channels,
+        m.out_channels,
+        kernel_size=m.kernel_size,
+        stride=m.stride,
+        padding=m.padding,
+        bias=m.has_bias,
+    ),
+    "Linear": lambda nn, m: nn.Linear(m.in_features, m.out_features, bias=m.has_bias),
+    "ReLU": lambda nn, m: nn.ReLU(),
+    "Flatten": lambda nn, m: nn.Flatten(),
+    "Tanh": lambda nn, m: nn.Tanh(),
+    "Sigmoid": lambda nn, m: nn.Sigmoid(),
+    "LeakyReLU": lambda nn, m: nn.LeakyReLU(m.negative_slope),
+    "ELU": lambda nn, m: nn.ELU(m.alpha),
+    "GELU": lambda nn, m: nn.GELU(approximate=m.approximate),
+    "Dropout": lambda nn, m: nn.Dropout(m.p),
+    "MaxPool2d": lambda nn, m: nn.MaxPool2d(*_ints(m.kernel_size, m.stride, m.padding)),
+    "AvgPool2d": lambda nn, m: nn.AvgPool2d(
+        *_ints(m.kernel_size, m.stride, m.padding), count_include_pad=m.count_include_pad
+    ),
+    "AdaptiveAvgPool2d": lambda nn, m: nn.AdaptiveAvgPool2d(*_ints(m.output_size)),
+    "BatchNorm1d": lambda nn, m: nn.BatchNorm1d(
+        m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+    ),
+    "BatchNorm2d": lambda nn, m: nn.BatchNorm2d(
+        m.num_features, m.eps, m.momentum, m.affine, m.track_running_stats
+    ),
+}
+
+
+def torch_model(model):
+    """The architecture of xpcnn ``model`` as ``torch.nn`` layers with PyTorch's initial
+    weights (`to_torch` also copies the weights). Raises TypeError for a layer torch.nn lacks."""
+    return _torch_layer(model)
 
 
 def to_torch(model):
-    """The same network as a ``torch.nn.Sequential`` (CPU, the model's dtype) with its weights.
+    """The same network as a ``torch.nn.Sequential`` (CPU, the model's dtype) with its weights
+    and buffers, in eval mode.
 
-    A `SimpleCNN` becomes `torch_simple_cnn`; any other `Sequential` of Conv2d, Linear, ReLU and
-    Flatten becomes the matching ``torch.nn`` layers under the same names.
+    Every `Sequential` (SimpleCNN and the other zoo models included) of supported layers
+    (`SUPPORTED`) becomes the matching ``torch.nn`` layers under the same names, so the state
+    dicts have the same keys in the same order.
     """
     torch = _torch()
-    if isinstance(model, SimpleCNN):
-        net = torch_simple_cnn(model.num_classes)
-    else:
-        net = _torch_layer(model)
+    net = _torch_layer(model)
     net = net.to(torch.float64 if model.dtype == "float64" else torch.float32)
     net.load_state_dict(to_torch_state_dict(model))
     return net.eval()
+
+
+def _pair_of_ints(value, what):
+    t = (value, value) if isinstance(value, int) else tuple(value)
+    if len(t) != 2 or not all(isinstance(v, int) for v in t):
+        raise TypeError(f"from_torch: {what} {value!r} is not supported (ints only)")
+    return t
+
+
+def _from_torch_layer(module, dtype):
+    """The xpcnn layer for one ``torch.nn`` layer (settings only; weights are loaded after)."""
+    from . import init
+    from . import nn as xnn
+
+    tnn = _torch().nn
+    kind = type(module).__name__
+
+    def refuse(why):
+        raise TypeError(f"from_torch: {kind} with {why} has no xpcnn equivalent")
+
+    with init.deferred():
+        if isinstance(module, tnn.Sequential):
+            return xnn.Sequential(
+                {n: _from_torch_layer(m, dtype) for n, m in module.named_children()}, dtype=dtype
+            )
+        if kind == "Conv2d":
+            if module.groups != 1 or _pair_of_ints(module.dilation, "dilation") != (1, 1):
+                refuse("groups or dilation")
+            if isinstance(module.padding, str) or module.padding_mode != "zeros":
+                refuse(f"padding {module.padding!r} / padding_mode {module.padding_mode!r}")
+            return xnn.Conv2d(
+                module.in_channels,
+                module.out_channels,
+                _pair_of_ints(module.kernel_size, "kernel_size"),
+                _pair_of_ints(module.stride, "stride"),
+                _pair_of_ints(module.padding, "padding"),
+                bias=module.bias is not None,
+                dtype=dtype,
+            )
+        if kind == "Linear":
+            return xnn.Linear(
+                module.in_features, module.out_features, bias=module.bias is not None, dtype=dtype
+            )
+        if kind in ("ReLU", "Tanh", "Sigmoid"):
+            return getattr(xnn, kind)(dtype=dtype)
+        if kind == "Flatten":
+            if (module.start_dim, module.end_dim) != (1, -1):
+                refuse(f"start_dim={module.start_dim}, end_dim={module.end_dim}")
+            return xnn.Flatten(dtype=dtype)
+        if kind == "LeakyReLU":
+            return xnn.LeakyReLU(module.negative_slope, dtype=dtype)
+        if kind == "ELU":
+            return xnn.ELU(module.alpha, dtype=dtype)
+        if kind == "GELU":
+            return xnn.GELU(module.approximate, dtype=dtype)
+        if kind == "Dropout":
+            return xnn.Dropout(module.p, dtype=dtype)
+        if kind == "MaxPool2d":
+            if module.ceil_mode or module.return_indices:
+                refuse("ceil_mode or return_indices")
+            if _pair_of_ints(module.dilation, "dilation") != (1, 1):
+                refuse("dilation")
+            return xnn.MaxPool2d(
+                _pair_of_ints(module.kernel_size, "kernel_size"),
+                _pair_of_ints(module.stride, "stride"),
+                _pair_of_ints(module.padding, "padding"),
+                dtype=dtype,
+            )
+        if kind == "AvgPool2d":
+            if module.ceil_mode or module.divisor_override is not None:
+                refuse("ceil_mode or divisor_override")
+            return xnn.AvgPool2d(
+                _pair_of_ints(module.kernel_size, "kernel_size"),
+                _pair_of_ints(module.stride, "stride"),
+                _pair_of_ints(module.padding, "padding"),
+                module.count_include_pad,
+                dtype=dtype,
+            )
+        if kind == "AdaptiveAvgPool2d":
+            return xnn.AdaptiveAvgPool2d(
+                _pair_of_ints(module.output_size, "output_size"), dtype=dtype
+            )
+        if kind in ("BatchNorm1d", "BatchNorm2d"):
+            return getattr(xnn, kind)(
+                module.num_features,
+                module.eps,
+                module.momentum,
+                module.affine,
+                module.track_running_stats,
+                dtype=dtype,
+            )
+    raise TypeError(
+        f"from_torch: no xpcnn layer for torch.nn.{kind}; supported: Sequential, "
+        f"{', '.join(sorted(_TO_TORCH))}"
+    )
+
+
+#: The layers `to_torch` and `from_torch` convert (inside any nesting of Sequential).
+SUPPORTED = tuple(sorted(_TO_TORCH))
+
+
+def _dtype_of(host):
+    floats = [v for v in host.values() if v.dtype.kind == "f"]
+    return "float64" if floats and all(v.dtype == np.float64 for v in floats) else "float32"
 
 
 def from_torch(source, model=None, device=None, dtype=None):
     """An xpcnn model carrying PyTorch weights.
 
     ``source`` is a ``torch.nn.Module``, a state dict (torch tensors or NumPy arrays) or the path
-    of a ``.pth``/``.pt``/``.safetensors`` file. Without ``model`` a `SimpleCNN` is built, its
-    number of classes read from ``fc2.weight`` and its dtype from the weights (float64 if they all
-    are, else float32). ``device`` defaults to the given model's own, or ``"cpu"``. Missing or
-    unexpected names and wrong shapes raise ValueError naming them.
+    of a ``.pth``/``.pt``/``.safetensors`` file. Without ``model``: a ``torch.nn.Sequential``
+    of supported layers (`SUPPORTED`, nested Sequentials too) becomes the same `Sequential`
+    under the same names; any other source is matched by its parameter names and shapes
+    against the zoo (`xpcnn.models.from_state_dict`: SimpleCNN, LeNet-5, MiniVGG, the number
+    of classes read from the last weight matrix); a Sequential whose layers are exactly a zoo
+    model's becomes that zoo model. A state dict that fits no zoo model is loaded
+    into a `SimpleCNN`, whose error names the keys that differ. The dtype is read from the
+    weights (float64 if every float one is, else float32) unless ``dtype`` is given.
+    ``device`` defaults to the given model's own, or ``"cpu"``. Missing or unexpected names and
+    wrong shapes raise ValueError naming them; a torch layer without an xpcnn twin TypeError.
     """
+    torch_module = None
     if isinstance(source, str | os.PathLike):
         state = load_state_dict_file(source)
     elif isinstance(source, Mapping):
         state = source
     elif callable(getattr(source, "state_dict", None)):
         state = source.state_dict()
+        torch_module = source
     else:
         raise TypeError(
             f"from_torch expects a torch.nn.Module, a state dict or a file path, got {type(source)}"
         )
-    if model is None:
-        host = {k: to_numpy(v) for k, v in state.items()}
-        if dtype is None:
-            all64 = bool(host) and all(v.dtype == np.float64 for v in host.values())
-            dtype = "float64" if all64 else "float32"
-        fc2 = host.get("fc2.weight")
-        num_classes = int(fc2.shape[0]) if fc2 is not None and fc2.ndim == 2 else 10
-        model = SimpleCNN(num_classes, dtype=dtype, device=device or "cpu")
-        state = host
-    elif device is not None or dtype is not None:
-        model.to(device, dtype)
-    return model.load_state_dict(state)
+    if model is not None:
+        if device is not None or dtype is not None:
+            model.to(device, dtype)
+        return model.load_state_dict(state)
+    host = {k: to_numpy(v) for k, v in state.items()}
+    dtype = dtype or _dtype_of(host)
+    from . import models
+
+    if torch_module is not None and isinstance(torch_module, _torch().nn.Sequential):
+        model = _from_torch_layer(torch_module, dtype).load_state_dict(host)
+        try:  # the same layers as a zoo model: that model (its config names it)
+            twin = models.from_state_dict(host, dtype=dtype)
+        except ValueError:
+            twin = None
+        if twin is not None and repr(torch_model(twin)) == repr(torch_module):
+            model = twin
+        return model.to(device or "cpu")
+    try:
+        return models.from_state_dict(host, dtype=dtype, device=device or "cpu")
+    except ValueError:
+        pass
+    fc2 = host.get("fc2.weight")
+    num_classes = int(fc2.shape[0]) if fc2 is not None and fc2.ndim == 2 else 10
+    model = SimpleCNN(num_classes, dtype=dtype, device=device or "cpu")
+    return model.load_state_dict(host)

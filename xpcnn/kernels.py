@@ -22,6 +22,9 @@ Hook names and signatures:
     one Adam step with the bias corrections ``c1 = 1 - b1**t``, ``c2 = 1 - b2**t`` given.
 ``softmax_xent_grad(logp, hot, n) -> dlogits``
     ``(exp(logp) - hot) / n`` from log-probabilities and the boolean one-hot labels.
+``erf(x) -> y``
+    the error function (the Array API has none; the fallback, `xpcnn.functional.erf`, is W. J.
+    Cody's rational approximation). torch, JAX and CuPy register their own.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from collections.abc import Callable
 
 _HOOKS: dict[object, dict[str, Callable]] = {}
 
-NAMES = ("relu", "relu_backward", "sgd", "adam", "softmax_xent_grad")
+NAMES = ("relu", "relu_backward", "sgd", "adam", "softmax_xent_grad", "erf")
 
 
 def register(xp, name: str, fn: Callable) -> None:

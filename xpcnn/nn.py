@@ -1,5 +1,9 @@
 """Layers and models: thin stateful wrappers around the math in `xpcnn.conv` and `xpcnn.functional`.
 
+This module holds the base class, Conv2d, Linear, ReLU, Flatten, Sequential and SimpleCNN; the
+pooling, batch-norm, dropout and other activation layers live in `xpcnn.layers` and are
+imported here, so ``nn.MaxPool2d`` works like ``torch.nn.MaxPool2d``.
+
 Every layer has ``forward(x)`` (also ``layer(x)``) and ``backward(grad_out) -> grad_in``. In
 training mode (the default) forward keeps what backward needs; backward stores each parameter's
 gradient in ``param.grad`` (overwriting, not accumulating) and releases that cache. In eval mode
@@ -29,16 +33,27 @@ from ._namespace import array_namespace
 from .backends import get_backend, to_numpy
 
 __all__ = [
+    "ELU",
+    "GELU",
+    "LAYERS",
+    "AdaptiveAvgPool2d",
+    "AvgPool2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
     "Buffer",
     "Conv2d",
+    "Dropout",
     "Flatten",
-    "LAYERS",
+    "LeakyReLU",
     "Linear",
+    "MaxPool2d",
     "Module",
     "Parameter",
     "ReLU",
     "Sequential",
+    "Sigmoid",
     "SimpleCNN",
+    "Tanh",
     "build",
 ]
 
@@ -257,11 +272,19 @@ class Module:
         """Inference mode: forward keeps nothing."""
         return self.train(False)
 
+    def named_state(self, prefix="") -> Iterator[tuple[str, Parameter]]:
+        """Every parameter and buffer in PyTorch's ``state_dict`` order: a module's own
+        parameters, then its own buffers, then each child's entries."""
+        own = list(vars(self).items())
+        for kind in (Parameter, Buffer):
+            yield from ((prefix + name, v) for name, v in own if type(v) is kind)
+        for name, child in self.children():
+            yield from child.named_state(f"{prefix}{name}.")
+
     def state_dict(self) -> dict:
-        """``{name: NumPy array}`` copies of every parameter and buffer, PyTorch names and
-        layouts."""
-        entries = [*self.named_parameters(), *self.named_buffers()]
-        return {name: self.backend.to_host(p.data) for name, p in entries}
+        """``{name: NumPy array}`` copies of every parameter and buffer, PyTorch names,
+        layouts and order."""
+        return {name: self.backend.to_host(p.data) for name, p in self.named_state()}
 
     def load_state_dict(self, state) -> Module:
         """Load parameters and buffers from a mapping of NumPy arrays or torch tensors (any
@@ -274,7 +297,7 @@ class Module:
             raise TypeError(
                 f"load_state_dict expects a mapping of name -> array, got {type(state)}"
             )
-        entries = dict([*self.named_parameters(), *self.named_buffers()])
+        entries = dict(self.named_state())
         missing = [k for k in entries if k not in state]
         unexpected = [k for k in state if k not in entries]
         if missing or unexpected:
@@ -741,3 +764,20 @@ def build(config, *, dtype="float32", device="cpu", _depth=0) -> Module:
         return cls(**args, dtype=dtype, device=device)
     except (TypeError, ValueError, OverflowError) as exc:
         raise ValueError(f"bad arguments for {kind} in model config: {exc}") from None
+
+
+# The pooling, normalisation, dropout and activation layers live in xpcnn/layers.py (which needs
+# Module from here); importing them registers them with `build` and makes nn.MaxPool2d etc. work.
+from .layers import (  # noqa: E402
+    ELU,
+    GELU,
+    AdaptiveAvgPool2d,
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Dropout,
+    LeakyReLU,
+    MaxPool2d,
+    Sigmoid,
+    Tanh,
+)

@@ -5,7 +5,8 @@
 
 `TrainStep.function` is the whole step as a pure function of arrays,
 
-    (params, buffers, opt_state, x, labels, lr) -> (params, buffers, opt_state, loss, correct)
+    (params, buffers, opt_state, x, labels, lr, rng)
+        -> (params, buffers, opt_state, loss, correct, rng)
 
 built from two halves that can be called apart (data-parallel training puts an allreduce of
 the gradients between them): `TrainStep.gradients` (load the parameters into the model, forward,
@@ -19,6 +20,12 @@ The layers are the same hand-written ones in every case. While a step is being t
 captured, their scratch buffers are switched off (`scratch_off`), so no array outlives the call
 that made it: a cached array would leak a JAX tracer into the next trace, or alias memory a
 CUDA graph owns.
+
+Randomness (dropout) comes from the step's `xpcnn.random.Generator`, installed as the current
+generator while the function runs. ``rng`` is None for stateful generators (NumPy, torch, CuPy:
+they live outside the function and advance as a side effect; a CUDA graph registers the torch
+generator so that every replay draws new numbers) and the JAX key for JAX, whose jitted function
+cannot have side effects: the key goes in, the advanced key comes out, and the step stores it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 
+from . import random
 from .functional import correct_count, cross_entropy
 
 __all__ = ["TrainStep", "predict_function", "scratch_off"]
@@ -69,14 +77,23 @@ class TrainStep:
 
     ``optimizer`` must hold the model's parameters, in the model's order. With ``compile=True``
     the backend's compiler is used (`Backend.compile`; the identity where there is none):
-    `compiled` says whether one was. Raises ValueError if the optimizer's parameters are not
-    the model's.
+    `compiled` says whether one was. ``generator`` (an `xpcnn.random.Generator` on the model's
+    backend; default: the backend's `xpcnn.random.default`) feeds dropout. Raises ValueError if
+    the optimizer's parameters are not the model's, or the generator is another backend's.
     """
 
-    def __init__(self, model, optimizer, loss: Callable | None = None, *, compile=False):
+    def __init__(
+        self, model, optimizer, loss: Callable | None = None, *, compile=False, generator=None
+    ):
         self.model, self.optimizer = model, optimizer
         self.loss = cross_entropy if loss is None else loss
         self.backend = model.backend
+        self.generator = random.default(self.backend) if generator is None else generator
+        if self.generator.backend != self.backend:
+            raise ValueError(
+                f"TrainStep: the generator draws on {self.generator.backend.name}, the model "
+                f"lives on {self.backend.name}"
+            )
         self.params = model.parameters()
         self.buffers = model.buffers()
         if len(optimizer.params) != len(self.params) or any(
@@ -86,7 +103,9 @@ class TrainStep:
         self.compiled = False
         self._run = self.function
         if compile:
-            self._run, self.compiled = self.backend.compile(self.pure(self.function))
+            self._run, self.compiled = self.backend.compile(
+                self.pure(self.function), generator=self.generator
+            )
 
     def pure(self, fn: Callable) -> Callable:
         """``fn`` with the model's scratch buffers off while it runs (for tracing/capture)."""
@@ -115,11 +134,14 @@ class TrainStep:
         """The optimizer's update: ``(new params, new optimizer state)``."""
         return self.optimizer.update(params, grads, opt_state, lr)
 
-    def function(self, params, buffers, opt_state, x, labels, lr):
-        """The whole step: `gradients` then `update`."""
-        grads, buffers, loss, correct = self.gradients(params, buffers, x, labels)
+    def function(self, params, buffers, opt_state, x, labels, lr, rng=None):
+        """The whole step: `gradients` (drawing from the step's generator on key ``rng``, see
+        the module docstring) then `update`; returns the advanced key last (None for a
+        stateful generator)."""
+        with random.using(self.generator.with_key(rng)) as gen:
+            grads, buffers, loss, correct = self.gradients(params, buffers, x, labels)
         params, opt_state = self.update(params, opt_state, grads, lr)
-        return params, buffers, opt_state, loss, correct
+        return params, buffers, opt_state, loss, correct, gen.key
 
     # --- state ------------------------------------------------------------------------------------
     def state(self):
@@ -143,8 +165,13 @@ class TrainStep:
         a 0-d array); returns ``(loss, correct)``, 0-d arrays on the device."""
         if not self.model.training:
             self.model.train()
-        params, buffers, opt_state, loss, correct = self._run(*self.state(), x, labels, lr)
+        gen = self.generator
+        params, buffers, opt_state, loss, correct, key = self._run(
+            *self.state(), x, labels, lr, gen.key
+        )
         self.set_state(params, buffers, opt_state)
+        if gen.functional:
+            gen.key = key
         return loss, correct
 
 

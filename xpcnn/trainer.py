@@ -26,10 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import augment as aug
 from . import checkpoint as ckpt
 from . import datasets as ds
 from . import distributed as _dist
 from . import nn
+from . import random as device_random
 from ._namespace import array_namespace
 from .backends import Backend, get_backend, to_numpy
 from .conv import INPUT_GRAD_METHODS
@@ -353,6 +355,7 @@ class _Run:
             "device": self.backend.name,
             "seed": self.seed,
             "world_size": 1 if self.world is None else self.world.size,
+            "augment": self.augment.spec,
         }
 
     def last_good_text(self) -> str:
@@ -484,8 +487,9 @@ def _resume_checks(run, meta, path, explicit_batch):
         ("input_grad", "input-gradient method"),
         ("compiled", "compiled step"),
         ("device", "device"),
+        ("augment", "augmentation"),
     ):
-        if saved.get(key) != current[key]:
+        if saved.get(key, current[key] if key == "augment" else None) != current[key]:
             notes.append(
                 f"{what} {saved.get(key)} -> {current[key]}: the same math, rounded "
                 "differently, so not bit-identical to the original run"
@@ -519,7 +523,7 @@ def train(
     dataset="mnist-5k",
     epochs=None,
     batch_size=None,
-    optimizer="sgd",
+    optimizer=None,
     lr=None,
     momentum=None,
     weight_decay=None,
@@ -532,9 +536,19 @@ def train(
     schedule=None,
     compile=None,
     hooks=(),
+    augment=None,
     distributed=None,
 ) -> TrainResult:
     """Train ``model`` (default: a fresh ``SimpleCNN(seed=seed)``) and return a `TrainResult`.
+
+    ``model`` is an xpcnn Module, the name of a zoo model (``"simplecnn"``, ``"lenet5"``,
+    ``"minivgg"``: `xpcnn.models`, built fresh from ``seed``) or the path of a JSON model
+    config; a zoo model's recipe (`xpcnn.models.Recipe`) supplies every training argument
+    left at None (a config file gets SimpleCNN's). ``augment`` is data augmentation on the
+    device (`xpcnn.augment.parse`: ``"crop+flip"``, ``"crop4"``, ``"flip"``, a dict, or
+    ``"none"``; default none, or the checkpoint's on resume); its random numbers, like
+    dropout's, come from a device generator (`xpcnn.random`) seeded from ``seed`` and saved in
+    checkpoints.
 
     ``dataset`` is a name (``"mnist-5k"``, ``"fashion-mnist"``, ``"mnist"``), a directory of IDX
     files or a `Dataset`. ``optimizer`` is ``"sgd"`` (default lr 0.1, momentum 0.9) or
@@ -568,29 +582,54 @@ def train(
     world = _dist.setup(distributed)  # None outside an MPI job: nothing below changes
     # in an MPI job, a rank that cannot start stops every rank, with one message
     with contextlib.nullcontext() if world is None else world.agreement():
+        if isinstance(model, str | os.PathLike):  # a zoo name or a JSON config: its recipe
+            dataset = _dataset(dataset)
+            model, defaults = _zoo_model(model, dataset.num_classes, seed)
+            if not resume:  # a resumed run keeps the checkpoint's settings
+                epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, augment = (
+                    v if v is not None else defaults.get(k)
+                    for k, v in (
+                        ("epochs", epochs), ("batch_size", batch_size), ("optimizer", optimizer),
+                        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
+                        ("schedule", schedule), ("augment", augment),
+                    )
+                )  # fmt: skip
         run = _prepare(
             model, device if world is None else world.device_for(device), dataset, epochs,
             batch_size, optimizer, lr, momentum, weight_decay, seed, checkpoint, resume,
-            progress, input_grad, eval_batch_size, schedule, compile, hooks, world=world,
+            progress, input_grad, eval_batch_size, schedule, compile, hooks, augment,
+            world=world,
         )  # fmt: skip
         if world is not None:
             world.prepare(run)
     return _loop(run) if world is None else world.run(_loop, run)
 
 
+def _zoo_model(name, num_classes, seed):
+    """The model and recipe settings for a zoo name or a JSON config path."""
+    from . import models
+
+    if models.is_config_path(name):
+        return models.load_config(name), models.recipe("simplecnn").settings()
+    return models.create(name, num_classes, seed=seed), models.recipe(name).settings()
+
+
 def _prepare(
     model, device, dataset, epochs, batch_size, optimizer, lr, momentum, weight_decay, seed,
     checkpoint, resume, progress, input_grad, eval_batch_size, schedule, compile, hooks,
+    augment=None,
     world=None,
 ):  # fmt: skip
     """Validate every argument and build the run (model, optimizer, step, data, resume state)."""
+    explicit_epochs = epochs is not None
     epochs = DEFAULT_EPOCHS if epochs is None else _positive_int("epochs", epochs)
     explicit_batch = batch_size is not None
     batch_size = 128 if batch_size is None else _positive_int("batch_size", batch_size)
     _positive_int("eval_batch_size", eval_batch_size)
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if optimizer not in DEFAULTS:
+    augmentation = None if augment is None else aug.parse(augment)
+    if optimizer is not None and optimizer not in DEFAULTS:
         raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {sorted(DEFAULTS)}")
     if schedule is not None and schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {sorted(SCHEDULES)}")
@@ -623,6 +662,20 @@ def _prepare(
     arrays = meta = None
     if resume:
         arrays, meta = ckpt.load(checkpoint)
+        if optimizer is None:  # the checkpoint's
+            optimizer = {"SGD": "sgd", "Adam": "adam"}.get(
+                (meta.get("optimizer") or {}).get("type"), "sgd"
+            )
+        saved_epochs = meta.get("epochs")
+        if not explicit_epochs and isinstance(saved_epochs, int) and saved_epochs > 0:
+            epochs = saved_epochs
+        if augmentation is None:
+            try:
+                augmentation = aug.parse(meta.get("augment"))
+            except ValueError as exc:
+                raise ckpt.CheckpointError(
+                    f"{checkpoint}: metadata field 'augment': {exc}"
+                ) from None
         saved_model = _model_from(checkpoint, arrays, meta, "cpu")
         if model is None:
             model = saved_model
@@ -635,6 +688,8 @@ def _prepare(
             model.load_state_dict(saved_model.state_dict())
     elif model is None:
         model = nn.SimpleCNN(num_classes=data.num_classes, seed=seed)
+    optimizer = optimizer or "sgd"
+    augmentation = augmentation or aug.Augment()
     if checkpoint is not None:
         ckpt.check_writable(checkpoint)
     model.to(backend).train()
@@ -663,8 +718,29 @@ def _prepare(
             raise ckpt.CheckpointError(
                 f"{checkpoint}: optimizer state does not fit: {exc}"
             ) from None
+    generator = device_random.generator(backend, _device_seed(seed))
+    device_notes = []
+    if meta is not None and meta.get("device_rng") is not None:
+        saved_rng = ckpt.require(meta, checkpoint, "device_rng", "dict")
+        if saved_rng.get("kind") != generator.state().get("kind"):
+            device_notes.append(
+                "the device random stream (dropout, augmentation) was saved by another kind of "
+                "backend; it restarts from the seed, so the run is not bit-identical"
+            )
+        else:
+            try:
+                generator.set_state(saved_rng)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise ckpt.CheckpointError(
+                    f"{checkpoint}: metadata field 'device_rng' is malformed ({exc})"
+                ) from None
     can_compile = backend.compiles
-    step = TrainStep(model, opt, compile=can_compile if compile is None else bool(compile))
+    step = TrainStep(
+        model,
+        opt,
+        compile=can_compile if compile is None else bool(compile),
+        generator=generator,
+    )
     run = _Run(
         model=model,
         optimizer=opt,
@@ -679,6 +755,8 @@ def _prepare(
         eval_batch_size=eval_batch_size,
         seed=seed,
         rng=rng,
+        generator=generator,
+        augment=augmentation,
         schedule_name=schedule or "cosine",
         schedule=SCHEDULES[schedule or "cosine"],
         base_lr=base_lr,
@@ -695,7 +773,7 @@ def _prepare(
     if compile and not step.compiled:
         run.notes.append(f"backend {backend.name} has no compiler; the step runs eagerly")
     if meta is not None:
-        run.notes += _resume_checks(run, meta, checkpoint, explicit_batch)
+        run.notes += _resume_checks(run, meta, checkpoint, explicit_batch) + device_notes
         run.last_good = (os.fspath(checkpoint), start_epoch)
         if start_epoch >= epochs:
             run.notes.append(
@@ -712,10 +790,19 @@ def _prepare(
         "base_lr": run.base_lr,
         "schedule": run.schedule_name,
         "rng_state": run.rng_state_at_epoch if step_ else run.rng.bit_generator.state,
+        "device_rng": run.generator.state(),
+        "augment": run.augment.spec,
+        "epochs": run.epochs,
         "history": run.history,
         "partial": part,
     }
     return run
+
+
+def _device_seed(seed):
+    """The device generator's seed: derived from the run's seed, a stream apart from the
+    host generator that draws the shuffle order."""
+    return int(np.random.SeedSequence([seed, 1]).generate_state(1, np.uint32)[0])
 
 
 def _resume_state(path, meta, optimizer, explicit, schedule):
@@ -808,6 +895,8 @@ def _epoch(run, epoch, start, interrupt):
         lr = run.base_lr * run.schedule((epoch * steps + step) / (run.epochs * steps))
         if run.world is None:
             x, y = data.batch(order[step * bs : min((step + 1) * bs, data.count)], run.model.dtype)
+            if run.augment:
+                x = run.augment(x, run.generator)
             loss, correct = run.step(x, y, lr)
             now = time.perf_counter()
             due = now - last >= REFRESH_SECONDS

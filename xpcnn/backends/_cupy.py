@@ -112,6 +112,9 @@ def _register_hooks(cupy, xp):
     kernels.register(xp, "softmax_xent_grad", lambda logp, hot, n: xent(logp, hot, n))
     kernels.register(xp, "sgd", sgd_hook)
     kernels.register(xp, "adam", adam_hook)
+    import cupyx.scipy.special
+
+    kernels.register(xp, "erf", cupyx.scipy.special.erf)
 
 
 def make(arg):

@@ -53,8 +53,9 @@ class JaxBackend(Backend):
             return True
         return devices == {self.device}
 
-    def compile(self, fn):
-        """``jax.jit(fn)``, donating the state arguments (the first three) on a GPU."""
+    def compile(self, fn, generator=None):
+        """``jax.jit(fn)``, donating the state arguments (the first three) on a GPU. A JAX
+        generator's key is an explicit argument of ``fn`` (`xpcnn.random`): nothing to do."""
         donate = (0, 1, 2) if self.on_gpu else ()
         return self.jax.jit(fn, donate_argnums=donate), True
 
@@ -91,5 +92,8 @@ def make(arg):
             f"JAX {jax.__version__} has no {kind} device ({str(exc).splitlines()[0]})"
         ) from None
     xp = jax.numpy  # what array_api_compat.array_namespace returns for jax arrays
+    from .. import kernels
+
+    kernels.register(xp, "erf", jax.scipy.special.erf)  # the Array API has no erf
     name = "jax:cpu" if device.platform == "cpu" else f"jax:cuda:{device.id}"
     return JaxBackend(name, xp, device, jax)

@@ -33,11 +33,14 @@ class TorchBackend(Backend):
 
             torch.cuda.synchronize(self.device)
 
-    def compile(self, fn):
-        """On CUDA: ``fn`` captured as CUDA graphs (`CudaGraphFunction`); on the CPU: ``fn``."""
+    def compile(self, fn, generator=None):
+        """On CUDA: ``fn`` captured as CUDA graphs (`CudaGraphFunction`), registering the
+        ``torch.Generator`` of ``generator`` (an `xpcnn.random.TorchGenerator`) if it has one;
+        on the CPU: ``fn``."""
         if self.device.type != "cuda":
             return fn, False
-        return CudaGraphFunction(fn, self.device), True
+        torch_generator = getattr(generator, "torch_generator", None)
+        return CudaGraphFunction(fn, self.device, torch_generator), True
 
 
 def _flatten(tree, leaves):
@@ -71,14 +74,21 @@ class CudaGraphFunction:
     next replay. Before capture the function runs twice on a side stream (cuBLAS and the
     allocator initialise there) on the static copies, which are then restored, so the first
     call computes exactly what an uncaptured call would.
+
+    Random draws (dropout): ``generator``, a CUDA ``torch.Generator``, is registered with each
+    graph (``CUDAGraph.register_generator_state``): a replay reads the generator's current
+    seed and offset and advances the offset, so every replay draws new numbers, the same ones
+    an uncaptured call at that offset would. The warm-up runs' draws are undone (the
+    generator's state is restored with the static copies).
     """
 
     WARMUP = 2
 
-    def __init__(self, fn, device):
+    def __init__(self, fn, device, generator=None):
         import torch
 
         self.fn, self.device, self.torch = fn, device, torch
+        self.generator = generator
         self.graphs = {}
 
     def _signature(self, leaves):
@@ -123,6 +133,7 @@ class CudaGraphFunction:
         args = _unflatten(spec, iter(static_in))
         tensors = [s for s in static_in if s is not None]
         saved = [s.clone() for s in tensors]
+        rng_state = self.generator.get_state() if self.generator is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
@@ -133,6 +144,9 @@ class CudaGraphFunction:
             s.copy_(v)
         del saved
         graph = torch.cuda.CUDAGraph()
+        if self.generator is not None:
+            self.generator.set_state(rng_state)
+            graph.register_generator_state(self.generator)
         with torch.cuda.graph(graph):
             out = self.fn(*args)
         return graph, static_in, out
@@ -140,9 +154,10 @@ class CudaGraphFunction:
 
 def _register_hooks(xp, torch):
     """torch's own operators for ReLU and its gradient: one kernel each, and no 0 copied to the
-    GPU at every call (which the Array API fallback, ``maximum(x, 0.0)``, would do)."""
+    GPU at every call (which the Array API fallback, ``maximum(x, 0.0)``, would do); its erf."""
     kernels.register(xp, "relu", torch.relu)
     kernels.register(xp, "relu_backward", lambda g, y: torch.where(y > 0, g, 0.0))
+    kernels.register(xp, "erf", torch.special.erf)
 
 
 def make(arg):

@@ -78,10 +78,11 @@ class Backend:
     #: Whether `compile` does more than return its argument (shown by ``xpcnn backends``).
     compiles = False
 
-    def compile(self, fn):
+    def compile(self, fn, generator=None):
         """Compile ``fn``, a pure function of (nested lists/dicts of) arrays and Python floats,
         for this backend. Returns ``(callable, compiled)``; the default runs ``fn`` as it is
-        (``compiled`` False). See `xpcnn.step.TrainStep`."""
+        (``compiled`` False). ``generator`` is the `xpcnn.random.Generator` that ``fn`` draws
+        from (a CUDA graph must register it). See `xpcnn.step.TrainStep`."""
         return fn, False
 
     def owns(self, x):

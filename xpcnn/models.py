@@ -1,0 +1,267 @@
+"""The model zoo: networks by name, each with the training recipe that is its default.
+
+    model = models.create("minivgg", num_classes=10, seed=0)   # a fresh xpcnn model
+    models.recipe("minivgg")      # Recipe(epochs=30, optimizer='sgd', lr=0.1, ...)
+    xpcnn.train(model="minivgg", dataset="fashion-mnist")      # trains with that recipe
+
+==============  =================================================================  =======
+name            layers (28x28 grey images in)                                      params
+==============  =================================================================  =======
+``simplecnn``   the seed notebook's: three 2x2 stride-2 convs with ReLU, fc 250    0.56 M
+``lenet5``      LeNet-5: conv5 (pad 2) 6, pool, conv5 16, pool, fc 120, 84, 10    0.06 M
+``minivgg``     three conv3-BN-ReLU-maxpool blocks (32, 64, 128), fc 256, dropout  0.39 M
+==============  =================================================================  =======
+
+A model given as a path is read as a JSON config (what `xpcnn.nn.Module.config` writes and
+`xpcnn.nn.build` reads) and trained with SimpleCNN's recipe unless the caller overrides it.
+Each zoo class is an `xpcnn.nn.Sequential` with named layers, so its state dict, its torch twin
+(`xpcnn.interop.to_torch`) and the naive reference (`xpcnn.reference`) all follow from its
+layers; its config is just its constructor call, e.g. ``{"type": "MiniVGG", "num_classes":
+10}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+from . import nn
+
+__all__ = [
+    "LeNet5",
+    "MiniVGG",
+    "Recipe",
+    "SimpleCNN",
+    "ZOO",
+    "create",
+    "from_state_dict",
+    "load_config",
+    "names",
+    "recipe",
+]
+
+SimpleCNN = nn.SimpleCNN
+
+
+class _Zoo(nn.Sequential):
+    """A Sequential whose config is its constructor call (the layers follow from it)."""
+
+    def config(self) -> dict:
+        return nn.Module.config(self)
+
+    def _finish(self, seed, device):
+        self.reset_parameters(seed)
+        if device != "cpu":
+            self.to(device)
+
+
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
+
+
+class LeNet5(_Zoo):
+    """LeNet-5 (LeCun, Bottou, Bengio and Haffner, 1998) for 28x28 images: the original's
+    32x32 input becomes 28x28 with 2 pixels of padding in the first convolution.
+
+        conv1 1->6 k5 p2, act, pool1 (2x2 average)  -> 6x14x14
+        conv2 6->16 k5, act, pool2 (2x2 average)    -> 16x5x5
+        flatten (400), fc1 400->120, act, fc2 120->84, act, fc3 84->num_classes
+
+    ``activation`` is ``"tanh"`` (default: the original's squashing function, with its
+    average-pooling "subsampling"), ``"relu"``, ``"sigmoid"`` or ``"elu"``. Every
+    convolution connects all channels (the original wired conv2 to subsets of conv1's maps)
+    and the output is a plain linear layer (the original used RBF units).
+    """
+
+    def __init__(
+        self,
+        num_classes=10,
+        activation="tanh",
+        *,
+        seed=0,
+        dtype="float32",
+        device="cpu",
+        input_grad="dilation",
+    ):
+        nn._positive_ints("LeNet5", num_classes=num_classes)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"LeNet5: activation must be one of {sorted(ACTIVATIONS)}")
+        act = ACTIVATIONS[activation]
+        conv = {"input_grad": input_grad, "dtype": dtype}
+        super().__init__(
+            {
+                "conv1": nn.Conv2d(1, 6, 5, padding=2, **conv),
+                "act1": act(dtype=dtype),
+                "pool1": nn.AvgPool2d(2, dtype=dtype),
+                "conv2": nn.Conv2d(6, 16, 5, **conv),
+                "act2": act(dtype=dtype),
+                "pool2": nn.AvgPool2d(2, dtype=dtype),
+                "flatten": nn.Flatten(dtype=dtype),
+                "fc1": nn.Linear(16 * 5 * 5, 120, dtype=dtype),
+                "act3": act(dtype=dtype),
+                "fc2": nn.Linear(120, 84, dtype=dtype),
+                "act4": act(dtype=dtype),
+                "fc3": nn.Linear(84, num_classes, dtype=dtype),
+            },
+            dtype=dtype,
+        )
+        self._finish(seed, device)
+
+
+class MiniVGG(_Zoo):
+    """A small VGG-style network for 28x28 images: three blocks of 3x3 convolution, batch norm,
+    ReLU and 2x2 max pooling, then a hidden fully connected layer with dropout.
+
+        conv1 1->w1 k3 p1, bn1, relu1, pool1     -> w1 x 14 x 14
+        conv2 w1->w2 k3 p1, bn2, relu2, pool2    -> w2 x 7 x 7
+        conv3 w2->w3 k3 p1, bn3, relu3, pool3    -> w3 x 3 x 3
+        flatten (9 w3), fc1 -> hidden, relu4, dropout (p), fc2 -> num_classes
+
+    ``widths`` = (w1, w2, w3), default (32, 64, 128); ``hidden`` 256; ``dropout`` 0.5. The
+    convolutions have no bias: the batch norm after each would cancel it (its ``bias`` is the
+    shift). About 7.7 M multiply-adds per image forward, 0.39 M parameters.
+    """
+
+    def __init__(
+        self,
+        num_classes=10,
+        widths=(32, 64, 128),
+        hidden=256,
+        dropout=0.5,
+        *,
+        seed=0,
+        dtype="float32",
+        device="cpu",
+        input_grad="dilation",
+    ):
+        widths = tuple(widths)
+        if len(widths) != 3:
+            raise ValueError(f"MiniVGG: widths must be three channel counts, got {widths!r}")
+        nn._positive_ints("MiniVGG", num_classes=num_classes, hidden=hidden)
+        nn._positive_ints("MiniVGG", **{f"widths[{i}]": w for i, w in enumerate(widths)})
+        conv = {"input_grad": input_grad, "dtype": dtype, "bias": False}
+        layers = {}
+        c = 1
+        for i, w in enumerate(widths, start=1):
+            layers[f"conv{i}"] = nn.Conv2d(c, w, 3, padding=1, **conv)
+            layers[f"bn{i}"] = nn.BatchNorm2d(w, dtype=dtype)
+            layers[f"relu{i}"] = nn.ReLU(dtype=dtype)
+            layers[f"pool{i}"] = nn.MaxPool2d(2, dtype=dtype)
+            c = w
+        layers["flatten"] = nn.Flatten(dtype=dtype)
+        layers["fc1"] = nn.Linear(c * 3 * 3, hidden, dtype=dtype)
+        layers["relu4"] = nn.ReLU(dtype=dtype)
+        layers["dropout"] = nn.Dropout(dropout, dtype=dtype)
+        layers["fc2"] = nn.Linear(hidden, num_classes, dtype=dtype)
+        super().__init__(layers, dtype=dtype)
+        self._finish(seed, device)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a zoo model is trained when the caller says nothing else: `xpcnn.train`'s
+    ``epochs``, ``batch_size``, ``optimizer``, ``lr``, ``momentum``, ``weight_decay``,
+    ``schedule`` and ``augment``. ``note`` says where the numbers come from."""
+
+    epochs: int
+    lr: float
+    batch_size: int = 128
+    optimizer: str = "sgd"
+    momentum: float | None = 0.9
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    augment: str = "none"
+    note: str = field(default="", compare=False)
+
+    def settings(self) -> dict:
+        """The recipe as `xpcnn.train` keyword arguments."""
+        out = {k: v for k, v in asdict(self).items() if k != "note"}
+        if self.optimizer != "sgd":
+            out.pop("momentum")
+        return out
+
+
+#: name -> (class, recipe). Results of each recipe on Fashion-MNIST: docs/models.md.
+ZOO: dict[str, tuple[type[nn.Module], Recipe]] = {
+    "simplecnn": (
+        SimpleCNN,
+        Recipe(epochs=15, lr=0.1, note="xpcnn's defaults (benchmarks/sweep_defaults.py)"),
+    ),
+    "lenet5": (
+        LeNet5,
+        Recipe(epochs=20, lr=0.05, note="SGD with momentum; tanh needs a smaller step"),
+    ),
+    "minivgg": (
+        MiniVGG,
+        Recipe(
+            epochs=30,
+            lr=0.1,
+            weight_decay=5e-4,
+            augment="crop2+flip",
+            note="docs/models.md: >= 0.94 on Fashion-MNIST, mean of 3 seeds",
+        ),
+    ),
+}
+
+
+def names() -> list[str]:
+    """The zoo's model names."""
+    return list(ZOO)
+
+
+def _entry(name):
+    key = str(name).lower()
+    if key not in ZOO:
+        raise ValueError(f"unknown model {name!r}; the zoo has {names()} (or give a JSON config)")
+    return ZOO[key]
+
+
+def recipe(name) -> Recipe:
+    """The default training recipe of zoo model ``name``."""
+    return _entry(name)[1]
+
+
+def create(name, num_classes=10, *, seed=0, dtype="float32", device="cpu") -> nn.Module:
+    """A fresh zoo model ``name`` with weights drawn from ``seed``. Raises ValueError for an
+    unknown name (listing the zoo)."""
+    cls, _ = _entry(name)
+    return cls(num_classes, seed=seed, dtype=dtype, device=device)
+
+
+def load_config(path, *, dtype="float32", device="cpu") -> nn.Module:
+    """A fresh model (seed 0) from a JSON file holding a `xpcnn.nn.Module.config`. Raises
+    ValueError for a file that is not JSON or not a valid config."""
+    try:
+        with open(os.fspath(path)) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not a JSON model config ({exc})") from None
+    model = nn.build(config, dtype=dtype, device=device)
+    model.reset_parameters(0)
+    return model
+
+
+def is_config_path(name) -> bool:
+    """True when ``name`` names a JSON config file rather than a zoo model."""
+    text = os.fspath(name)
+    return text.lower().endswith(".json") or os.sep in text or os.path.isfile(text)
+
+
+def from_state_dict(state, *, dtype="float32", device="cpu") -> nn.Module:
+    """The zoo model whose parameter and buffer names and shapes are exactly those of
+    ``state`` (a mapping of arrays), with those values loaded. The number of classes is read
+    from the last weight matrix. Raises ValueError when no zoo model fits."""
+    from . import init
+
+    shapes = {k: tuple(getattr(v, "shape", ())) for k, v in state.items()}
+    matrices = [s for k, s in shapes.items() if k.endswith(".weight") and len(s) == 2]
+    num_classes = matrices[-1][0] if matrices else 10
+    for cls, _ in ZOO.values():
+        with init.deferred():
+            candidate = cls(num_classes, dtype=dtype)
+        if {k: p.shape for k, p in candidate.named_state()} == shapes:
+            return candidate.load_state_dict(state).to(device)
+    raise ValueError(
+        f"the state dict's names and shapes fit no zoo model ({names()}); pass model= "
+        f"(keys: {list(shapes)[:6]}{' ...' if len(shapes) > 6 else ''})"
+    )
