@@ -28,15 +28,15 @@ status=${PIPESTATUS[0]}
 
 if [ "${XPCNN_GPU_EXTRAS:-1}" = 1 ]; then
     echo; echo "== CPU benchmarks on two pinned cores (taskset -c 2,3) =="
-    ( cd benchmarks && timeout 75 taskset -c 2,3 python3 train_epoch.py --threads 2 --epochs 3 \
+    ( cd benchmarks && timeout 60 taskset -c 2,3 python3 train_epoch.py --threads 2 --epochs 3 \
         --dataset mnist-5k \
         --contenders cpu/dilation,cpu/dilation-zeros,cpu/col2im,jax:cpu/dilation+compile,jax:cpu/col2im+compile \
         --json "$OUT_DIR/cpu_train_epoch.json" ) 2>&1 | tee "$OUT_DIR/cpu_benchmarks.log"
-    ( cd benchmarks && timeout 45 taskset -c 2,3 python3 inference.py --threads 2 --rounds 3 ) \
+    ( cd benchmarks && timeout 30 taskset -c 2,3 python3 inference.py --threads 2 --rounds 3 ) \
         2>&1 | tee -a "$OUT_DIR/cpu_benchmarks.log"
     if [ -f scripts/mpi_gpu_check.sh ]; then
         echo; echo "== MPI: two ranks sharing the GPU =="
-        timeout 100 bash scripts/mpi_gpu_check.sh || echo "mpi_gpu_check.sh failed or timed out"
+        timeout 90 bash scripts/mpi_gpu_check.sh || echo "mpi_gpu_check.sh failed or timed out"
     fi
 fi
 exit "$status"
