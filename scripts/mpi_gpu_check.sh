@@ -14,7 +14,8 @@ mkdir -p "$(dirname "$LOG")"
 exec > >(tee "$LOG") 2>&1
 
 section() { echo; echo "=== $*"; }
-PY=python3
+# the absolute interpreter: under mpiexec, PATH may lead "python3" to another Python
+PY="$(python3 -c 'import sys; print(sys.executable)')"
 if compgen -G ".whl/*.whl" >/dev/null; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
         --target /tmp/site .whl/*.whl || echo "warning: installing .whl/*.whl failed"
@@ -41,7 +42,7 @@ probe_mpi() {  # $1 python, $2 mpiexec: both must work together
     timeout 120 "$2" -n 1 $(mpi_opts "$2") "$1" -c \
         "from mpi4py import MPI; print('mpi4py under mpiexec: rank', MPI.COMM_WORLD.Get_rank())"
 }
-mpi_opts() { "$1" --version 2>&1 | grep -q "Open MPI" && echo "--oversubscribe --allow-run-as-root"; }
+mpi_opts() { "$1" --version 2>&1 | grep -Eq "Open MPI|OpenRTE" && echo "--oversubscribe --allow-run-as-root"; }
 
 section "MPI"
 MPIEXEC="$(command -v mpiexec || true)"
@@ -52,9 +53,10 @@ $PY -c "import mpi4py; from mpi4py import MPI; print('mpi4py', mpi4py.__version_
 if ! probe_mpi "$PY" "$MPIEXEC"; then
     echo "the machine's MPI does not work; trying the carried wheels (.whl/mpi)"
     if compgen -G ".whl/mpi/*.whl" >/dev/null; then
-        $PY -m venv --system-site-packages /tmp/mpi-venv \
-            && /tmp/mpi-venv/bin/python -m pip install -q --no-index --no-deps .whl/mpi/*.whl \
-            && PY=/tmp/mpi-venv/bin/python && MPIEXEC=/tmp/mpi-venv/bin/mpiexec
+        # into a target directory, not a venv: the same interpreter keeps NumPy, CuPy, torch
+        $PY -m pip install -q --no-index --no-deps --target /tmp/mpi-site .whl/mpi/*.whl \
+            && export PYTHONPATH="/tmp/mpi-site:$PYTHONPATH" \
+            && MPIEXEC="$(ls /tmp/mpi-site/bin/mpiexec 2>/dev/null || ls /tmp/mpi-site/*/bin/mpiexec 2>/dev/null | head -1)"
         $PY -c "import mpi4py; from mpi4py import MPI; print('mpi4py', mpi4py.__version__, '|', MPI.Get_library_version().strip())"
         probe_mpi "$PY" "$MPIEXEC" || { echo "FAILED: no working MPI"; exit 1; }
     else

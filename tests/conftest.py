@@ -78,8 +78,17 @@ def rng():
 
 
 def on_gpu(x):
-    """True for a CuPy array or a CUDA torch tensor."""
-    return type(x).__module__.startswith("cupy") or bool(getattr(x, "is_cuda", False))
+    """True for a CuPy array, a CUDA torch tensor or a JAX array on a GPU (whose float32
+    matrix products XLA may run at TF32-like precision by default)."""
+    if type(x).__module__.startswith("cupy") or bool(getattr(x, "is_cuda", False)):
+        return True
+    devices = getattr(x, "devices", None)
+    if callable(devices) and type(x).__module__.startswith("jax"):
+        try:
+            return any(d.platform == "gpu" for d in devices())
+        except Exception:
+            return False
+    return False
 
 
 def tolerance(dtype, gpu=False):

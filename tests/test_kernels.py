@@ -37,8 +37,8 @@ def _both(backend, fn):
 
 def test_which_backends_have_hooks(backend):
     names = kernels.registered(backend.xp)
-    if backend.name in NO_HOOKS:
-        assert names == ()
+    if backend.name in NO_HOOKS:  # at most erf, which the Array API lacks
+        assert set(names) <= {"erf"}
     else:
         assert {"relu", "relu_backward"} <= set(names)
 

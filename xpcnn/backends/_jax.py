@@ -13,6 +13,8 @@ dtype, which xpcnn never makes).
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 
 from .base import Backend, BackendUnavailable
@@ -57,6 +59,9 @@ class JaxBackend(Backend):
         """``jax.jit(fn)``, donating the state arguments (the first three) on a GPU. A JAX
         generator's key is an explicit argument of ``fn`` (`xpcnn.random`): nothing to do."""
         donate = (0, 1, 2) if self.on_gpu else ()
+        params = inspect.signature(fn).parameters.values()
+        if not any(p.kind is p.VAR_POSITIONAL for p in params):  # donate only what fn takes
+            donate = tuple(i for i in donate if i < len(params))
         return self.jax.jit(fn, donate_argnums=donate), True
 
 
