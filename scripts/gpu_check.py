@@ -63,8 +63,8 @@ GPU = {
     "infer_repeats": 5,
     "accuracy_epochs": None,  # xpcnn.train's default
     "accuracy_subset": None,  # (train, test) image counts; None: the whole dataset
-    "tests_timeout_s": 110,
-    "test_workers": 4,  # pytest-xdist processes sharing the GPU, if xdist is installed
+    "tests_timeout_s": 170,
+    "test_workers": 8,  # pytest-xdist processes sharing the GPU, if xdist is installed
     "sync_probe_steps": 20,
 }
 CPU_SMOKE = dict(
@@ -85,7 +85,7 @@ CPU_SMOKE = dict(
     test_workers=0,
     sync_probe_steps=4,
 )
-TOTAL_BUDGET_S = 230  # leaves room in a lent machine's run for scripts/gpu_check.sh's extras
+TOTAL_BUDGET_S = 290  # leaves room in a lent machine's run for scripts/gpu_check.sh's extras
 
 
 def say(*args):
@@ -196,9 +196,11 @@ PROGRESS_CHARS = {".": "passed", "F": "failed", "E": "errors", "s": "skipped"}
 def parse_pytest_summary(text):
     """Counts from pytest's last line, e.g. '3 failed, 250 passed, 5 skipped in 61.2s'.
 
-    Without a summary line (a killed run), count the progress characters of ``-q`` instead.
+    Without a summary line (a killed run), count the per-test lines of ``-v`` (``PASSED``,
+    ``FAILED``, ...) or else the progress characters of ``-q`` instead.
     """
     counts = dict.fromkeys(["passed", "failed", "skipped", "errors"], 0)
+    verbose = re.findall(r"\b(PASSED|FAILED|SKIPPED|ERROR) tests/", text)
     for line in reversed(text.strip().splitlines()):
         found = re.findall(
             r"(\d+) (passed|failed|skipped|errors?|deselected|xfailed|xpassed)", line
@@ -207,6 +209,10 @@ def parse_pytest_summary(text):
             for number, word in found:
                 counts[COUNT_WORDS[word]] = int(number)
             return counts, True
+    if verbose:
+        for word in verbose:
+            counts[{"ERROR": "errors"}.get(word, word.lower())] += 1
+        return counts, False
     for line in text.splitlines():
         if re.fullmatch(r"[.FEsxX]+\s*(\[\s*\d+%\])?", line.strip()):
             for ch in line.split("[")[0].strip():
@@ -218,7 +224,9 @@ def parse_pytest_summary(text):
 def run_tests(cfg, out_dir):
     """``pytest -m gpu`` in a subprocess, with the GPU backends required (a skip fails)."""
     env = dict(os.environ, XPCNN_REQUIRE_BACKENDS=cfg["require"])
-    flags = "-m gpu -q --tb=short -p no:cacheprovider".split()
+    # -v: each test's outcome is printed as it ends, so a run killed at its time limit still
+    # names every failure so far in gpu_tests.log; the tracebacks come at the end (--tb=line)
+    flags = "-m gpu -v -rfE --tb=line -p no:cacheprovider -p no:benchmark".split()
     workers = cfg.get("test_workers", 0)
     if workers and importlib.util.find_spec("xdist") is not None:
         flags += ["-n", str(workers)]
@@ -243,9 +251,13 @@ def run_tests(cfg, out_dir):
     if out_dir:
         (out_dir / "gpu_tests.log").write_text(output)
     lines = output.rstrip().splitlines()
-    say("\n".join(lines[-40:]) if len(lines) > 40 else output.rstrip())
+    failed = sorted({m for m in re.findall(r"FAILED (tests/\S+)", output)})
+    if failed:
+        say("failed:\n  " + "\n  ".join(failed))
+    say("\n".join(lines[-25:]) if len(lines) > 25 else output.rstrip())
     counts, complete = parse_pytest_summary(output)
     result = dict(counts, returncode=rc, seconds=round(seconds, 1), timed_out=timed_out)
+    result["failed_tests"] = failed[:200]
     if timed_out:
         result["note"] = f"killed after {cfg['tests_timeout_s']} s; counts from the progress dots"
     elif not complete:
