@@ -1,6 +1,7 @@
 """PyTorch <-> xpcnn: weights both ways bit for bit (objects, .pth, .safetensors), the same logits
 on the whole embedded test set, clear errors, and ``xpcnn compare`` end to end."""
 
+import functools
 import json
 import os
 import pathlib
@@ -35,10 +36,17 @@ def _assert_identical(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture(scope="module")
-def trained():
-    """A briefly trained SimpleCNN (about 90% test accuracy), so logits are not near-ties."""
+@functools.cache
+def _trained():
     return xpcnn.train(epochs=1, batch_size=32, progress=False).model
+
+
+@pytest.fixture
+def trained():
+    """A briefly trained SimpleCNN (about 90% test accuracy), so logits are not near-ties;
+    trained once per session (a module-scoped fixture was rebuilt as pytest regrouped the
+    backend parameters)."""
+    return _trained()
 
 
 @pytest.fixture(scope="module")

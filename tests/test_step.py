@@ -57,10 +57,16 @@ def _steps(spec, dtype, compile, rng_seed=0, steps=3, optimizer="sgd"):
 @pytest.mark.parametrize("spec", [_param(s) for s in COMPILING])
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_compiled_step_equals_eager(spec, dtype, optimizer):
+    """Several compiled steps equal the eager ones: on the same backend, except JAX on the CPU,
+    whose reference is NumPy's eager step (the same hand-written layers; JAX's own eager path,
+    one dispatch per operation, is covered by the layer tests and is slow)."""
     backend = _compiling_backend(spec)
-    eager, eager_losses, _ = _steps(spec, dtype, False, optimizer=optimizer)
+    reference = "cpu" if spec == "jax:cpu" else spec
+    eager, eager_losses, _ = _steps(reference, dtype, False, optimizer=optimizer)
     compiled, compiled_losses, opt = _steps(spec, dtype, True, optimizer=optimizer)
     rtol, atol = tolerance(dtype, gpu="cuda" in spec)
+    if optimizer == "adam" and dtype == "float32":  # m / sqrt(v) magnifies rounding of tiny grads
+        atol *= 5
     if dtype == "float64":
         rtol = atol = 1e-12
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=rtol)
@@ -68,17 +74,6 @@ def test_compiled_step_equals_eager(spec, dtype, optimizer):
         np.testing.assert_allclose(compiled[k], v, rtol=rtol, atol=atol, err_msg=k)
     _, arrays = opt.state_dict()  # the optimizer state came back onto the device
     assert all(backend.owns(a) for a in arrays.values())
-
-
-def test_compiled_step_equals_numpy_eager_in_float64():
-    """The jitted JAX step and NumPy's eager step, the same hand-written layers: equal to ~1e-12
-    after several steps with momentum and a cosine schedule."""
-    _compiling_backend("jax:cpu")
-    ref, ref_losses, _ = _steps("cpu", "float64", False)
-    got, losses, _ = _steps("jax:cpu", "float64", True)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-12)
-    for k, v in ref.items():
-        np.testing.assert_allclose(got[k], v, rtol=1e-11, atol=1e-13, err_msg=k)
 
 
 def test_no_tracer_leaks_into_the_model():

@@ -36,10 +36,10 @@ def _run(small, **kw):
 
 
 def test_same_seed_same_weights_bit_for_bit(small):
-    a, b = _weights(_run(small, seed=5)), _weights(_run(small, seed=5))
+    a, b = _weights(_run(small, seed=5, epochs=1)), _weights(_run(small, seed=5, epochs=1))
     for k in a:
         np.testing.assert_array_equal(a[k], b[k])
-    c = _weights(_run(small, seed=6))
+    c = _weights(_run(small, seed=6, epochs=1))
     assert not np.array_equal(a["fc2.weight"], c["fc2.weight"])
 
 
@@ -68,7 +68,7 @@ def test_numpy_and_torch_follow_the_same_trajectory(small):
 
 def test_trains_on_every_backend(backend, small):
     before = xpcnn.evaluate(nn.SimpleCNN(seed=0), small)
-    r = _run(small, device=backend.name, batch_size=32, optimizer="adam", lr=2e-3)
+    r = _run(small, device=backend.name, epochs=1, batch_size=16, optimizer="adam", lr=3e-3)
     assert all(backend.owns(p.data) for p in r.model.parameters())
     assert r.history[-1]["test_loss"] < before.loss - 0.3
     assert r.history[-1]["test_accuracy"] > before.accuracy + 0.2
@@ -138,8 +138,8 @@ def test_one_read_back_per_refresh(small, monkeypatch):
     """With the display refreshing only at the end of an epoch, training reads the device twice
     per epoch: the epoch's sums, then the test evaluation."""
     monkeypatch.setattr(T, "REFRESH_SECONDS", 1e9)
-    r = _run(small, epochs=3)
-    assert r.host_syncs == 2 * 3
+    r = _run(small, epochs=2)
+    assert r.host_syncs == 2 * 2
 
 
 def test_resume_refuses_another_architecture(small, tmp_path):
