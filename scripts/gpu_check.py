@@ -423,7 +423,7 @@ class TorchContender:
         total = torch.zeros((), device=self.device)
         seen = 0
         for start in range(0, n, BATCH):
-            if stop.set:
+            if seen and stop.set:  # at least one step, always
                 break
             idx = order[start : start + BATCH]
             x = self.images.index_select(0, idx).float().div_(255.0)

@@ -955,7 +955,8 @@ def train_epoch(step, data, order, batch_size, lr, *, sync=None, stop=None):
     """One pass of ``step`` (a `TrainStep`) over ``data`` (a `DeviceData`) in ``order`` (a
     device index array) at a constant learning rate: the bare loop, for benchmarks.
 
-    ``stop()``, checked between steps, ends the pass early when it returns True. Returns
+    ``stop()``, checked between steps (after the first), ends the pass early when it returns
+    True. Returns
     ``(mean loss, accuracy, images trained on)``, read back once (through ``sync``, a `HostSync`,
     when given).
     """
@@ -966,7 +967,7 @@ def train_epoch(step, data, order, batch_size, lr, *, sync=None, stop=None):
     seen = 0
     with backend.activate():
         for start in range(0, data.count, batch_size):
-            if stop is not None and stop():
+            if stop is not None and seen and stop():  # at least one step, always
                 break
             x, y = data.batch(order[start : min(start + batch_size, data.count)], step.model.dtype)
             loss, right = step(x, y, lr)
