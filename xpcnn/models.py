@@ -239,16 +239,17 @@ def create(name, num_classes=10, *, seed=0, dtype="float32", device="cpu") -> nn
     return cls(num_classes, seed=seed, dtype=dtype, device=device)
 
 
-def load_config(path, *, dtype="float32", device="cpu") -> nn.Module:
-    """A fresh model (seed 0) from a JSON file holding a `xpcnn.nn.Module.config`. Raises
-    ValueError for a file that is not JSON or not a valid config."""
+def load_config(path, *, seed=0, dtype="float32", device="cpu") -> nn.Module:
+    """A fresh model, weights drawn from ``seed``, from a JSON file holding a
+    `xpcnn.nn.Module.config`. Raises ValueError for a file that is not JSON or not a valid
+    config."""
     try:
         with open(os.fspath(path)) as f:
             config = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not a JSON model config ({exc})") from None
     model = nn.build(config, dtype=dtype, device=device)
-    model.reset_parameters(0)
+    model.reset_parameters(seed)
     return model
 
 

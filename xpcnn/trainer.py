@@ -600,7 +600,7 @@ def _zoo_model(name, num_classes, seed):
     from . import models
 
     if models.is_config_path(name):
-        return models.load_config(name), models.recipe("simplecnn").settings()
+        return models.load_config(name, seed=seed), models.recipe("simplecnn").settings()
     return models.create(name, num_classes, seed=seed), models.recipe(name).settings()
 
 
