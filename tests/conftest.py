@@ -21,6 +21,10 @@ NO_FLOAT64 = {"strict:no_float64"}
 
 def _param(spec):
     marks = [pytest.mark.gpu] if spec in GPU_BACKENDS else []
+    if spec.startswith("jax"):
+        # one test process runs every JAX case (pytest-xdist --dist loadgroup): eager JAX
+        # compiles each operation once per shape, and that cache lives in one process
+        marks.append(pytest.mark.xdist_group("jax"))
     return pytest.param(spec, marks=marks, id=spec)
 
 

@@ -79,8 +79,8 @@ def test_zoo_configs_and_errors():
         assert nn.build(model.config()).config() == model.config()
         assert model(np.zeros((2, 1, 28, 28), np.float32)).shape == (2, 7)
     assert models.create("minivgg").config() == {
-        "type": "MiniVGG", "num_classes": 10, "widths": [32, 64, 128], "hidden": 256,
-        "dropout": 0.5,
+        "type": "MiniVGG", "num_classes": 10, "widths": [32, 64, 128], "convs": [1, 1, 2],
+        "hidden": 256, "dropout": 0.5,
     }  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown model 'vgg16'.*simplecnn"):
         models.create("vgg16")

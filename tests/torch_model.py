@@ -54,27 +54,27 @@ def torch_tanh():
     return torch.tanh
 
 
-def torch_minivgg(num_classes=10, widths=(32, 64, 128), hidden=256, p=0.5):
+def torch_minivgg(num_classes=10):
     """`xpcnn.models.MiniVGG` written directly in torch.nn (same names, so state dicts match)."""
     import torch.nn as nn
 
     class MiniVGG(nn.Module):
         def __init__(self):
             super().__init__()
-            c = 1
-            for i, w in enumerate(widths, start=1):
+            for i, (c, w) in enumerate([(1, 32), (32, 64), (64, 128), (128, 128)], start=1):
                 setattr(self, f"conv{i}", nn.Conv2d(c, w, 3, padding=1, bias=False))
                 setattr(self, f"bn{i}", nn.BatchNorm2d(w))
-                c = w
-            self.fc1 = nn.Linear(c * 9, hidden)
-            self.dropout = nn.Dropout(p)
-            self.fc2 = nn.Linear(hidden, num_classes)
+            self.fc1 = nn.Linear(128 * 7 * 7, 256)
+            self.dropout = nn.Dropout(0.5)
+            self.fc2 = nn.Linear(256, num_classes)
 
         def forward(self, x):
-            for i in range(1, len(widths) + 1):
-                conv, bn = getattr(self, f"conv{i}"), getattr(self, f"bn{i}")
-                x = nn.functional.max_pool2d(nn.functional.relu(bn(conv(x))), 2)
-            x = nn.functional.relu(self.fc1(x.flatten(1)))
+            f = nn.functional
+            for i in range(1, 5):
+                x = f.relu(getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(x)))
+                if i <= 2:
+                    x = f.max_pool2d(x, 2)
+            x = f.relu(self.fc1(x.flatten(1)))
             return self.fc2(self.dropout(x))
 
     return MiniVGG()

@@ -255,7 +255,7 @@ def _cmd_train(args):
         data = load(args.dataset)
         name = args.model or "simplecnn"
         if models.is_config_path(name):
-            model = models.load_config(name, dtype=args.dtype)
+            model = models.load_config(name, seed=args.seed, dtype=args.dtype)
             recipe = models.recipe("simplecnn")
         else:
             model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)

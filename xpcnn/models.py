@@ -9,7 +9,7 @@ name            layers (28x28 grey images in)                                   
 ==============  =================================================================  =======
 ``simplecnn``   the seed notebook's: three 2x2 stride-2 convs with ReLU, fc 250    0.56 M
 ``lenet5``      LeNet-5: conv5 (pad 2) 6, pool, conv5 16, pool, fc 120, 84, 10    0.06 M
-``minivgg``     three conv3-BN-ReLU-maxpool blocks (32, 64, 128), fc 256, dropout  0.39 M
+``minivgg``     conv3-BN-ReLU blocks (32, pool, 64, pool, 128, 128), fc 256, dropout  1.85 M
 ==============  =================================================================  =======
 
 A model given as a path is read as a JSON config (what `xpcnn.nn.Module.config` writes and
@@ -109,23 +109,28 @@ class LeNet5(_Zoo):
 
 
 class MiniVGG(_Zoo):
-    """A small VGG-style network for 28x28 images: three blocks of 3x3 convolution, batch norm,
-    ReLU and 2x2 max pooling, then a hidden fully connected layer with dropout.
+    """A small VGG-style network for 28x28 images: three blocks of 3x3 convolutions, each
+    followed by batch norm and ReLU; 2x2 max pooling after the first two blocks; then a hidden
+    fully connected layer with dropout.
 
-        conv1 1->w1 k3 p1, bn1, relu1, pool1     -> w1 x 14 x 14
-        conv2 w1->w2 k3 p1, bn2, relu2, pool2    -> w2 x 7 x 7
-        conv3 w2->w3 k3 p1, bn3, relu3, pool3    -> w3 x 3 x 3
-        flatten (9 w3), fc1 -> hidden, relu4, dropout (p), fc2 -> num_classes
+        block 1: conv1 1->32, bn1, relu1, pool1                        -> 32 x 14 x 14
+        block 2: conv2 32->64, bn2, relu2, pool2                       -> 64 x 7 x 7
+        block 3: conv3 64->128, bn3, relu3, conv4 128->128, bn4, relu4 -> 128 x 7 x 7
+        flatten (6272), fc1 -> 256, relu_fc, dropout (0.5), fc2 -> num_classes
 
-    ``widths`` = (w1, w2, w3), default (32, 64, 128); ``hidden`` 256; ``dropout`` 0.5. The
-    convolutions have no bias: the batch norm after each would cancel it (its ``bias`` is the
-    shift). About 7.7 M multiply-adds per image forward, 0.39 M parameters.
+    Every convolution is 3x3 with padding 1 and no bias (the batch norm after it would cancel
+    a bias; its own ``bias`` is the shift). ``widths`` are the blocks' channel counts (default
+    (32, 64, 128)), ``convs`` their numbers of convolutions (default (1, 1, 2)); layers are
+    numbered in order (conv1/bn1/relu1 ... convK/bnK/reluK). The last block is not pooled:
+    the classifier sees the 7x7 maps. About 16 M multiply-adds per image forward, 1.85 M
+    parameters (with the defaults).
     """
 
     def __init__(
         self,
         num_classes=10,
         widths=(32, 64, 128),
+        convs=(1, 1, 2),
         hidden=256,
         dropout=0.5,
         *,
@@ -134,23 +139,29 @@ class MiniVGG(_Zoo):
         device="cpu",
         input_grad="dilation",
     ):
-        widths = tuple(widths)
-        if len(widths) != 3:
-            raise ValueError(f"MiniVGG: widths must be three channel counts, got {widths!r}")
+        widths, convs = tuple(widths), tuple(convs)
+        if len(widths) != 3 or len(convs) != 3:
+            raise ValueError(
+                f"MiniVGG: widths and convs must have three entries, got {widths!r}, {convs!r}"
+            )
         nn._positive_ints("MiniVGG", num_classes=num_classes, hidden=hidden)
         nn._positive_ints("MiniVGG", **{f"widths[{i}]": w for i, w in enumerate(widths)})
+        nn._positive_ints("MiniVGG", **{f"convs[{i}]": n for i, n in enumerate(convs)})
         conv = {"input_grad": input_grad, "dtype": dtype, "bias": False}
         layers = {}
-        c = 1
-        for i, w in enumerate(widths, start=1):
-            layers[f"conv{i}"] = nn.Conv2d(c, w, 3, padding=1, **conv)
-            layers[f"bn{i}"] = nn.BatchNorm2d(w, dtype=dtype)
-            layers[f"relu{i}"] = nn.ReLU(dtype=dtype)
-            layers[f"pool{i}"] = nn.MaxPool2d(2, dtype=dtype)
-            c = w
+        c, k = 1, 0
+        for block, (w, n) in enumerate(zip(widths, convs, strict=True), start=1):
+            for _ in range(n):
+                k += 1
+                layers[f"conv{k}"] = nn.Conv2d(c, w, 3, padding=1, **conv)
+                layers[f"bn{k}"] = nn.BatchNorm2d(w, dtype=dtype)
+                layers[f"relu{k}"] = nn.ReLU(dtype=dtype)
+                c = w
+            if block < 3:
+                layers[f"pool{block}"] = nn.MaxPool2d(2, dtype=dtype)
         layers["flatten"] = nn.Flatten(dtype=dtype)
-        layers["fc1"] = nn.Linear(c * 3 * 3, hidden, dtype=dtype)
-        layers["relu4"] = nn.ReLU(dtype=dtype)
+        layers["fc1"] = nn.Linear(c * 7 * 7, hidden, dtype=dtype)
+        layers["relu_fc"] = nn.ReLU(dtype=dtype)
         layers["dropout"] = nn.Dropout(dropout, dtype=dtype)
         layers["fc2"] = nn.Linear(hidden, num_classes, dtype=dtype)
         super().__init__(layers, dtype=dtype)
@@ -228,16 +239,17 @@ def create(name, num_classes=10, *, seed=0, dtype="float32", device="cpu") -> nn
     return cls(num_classes, seed=seed, dtype=dtype, device=device)
 
 
-def load_config(path, *, dtype="float32", device="cpu") -> nn.Module:
-    """A fresh model (seed 0) from a JSON file holding a `xpcnn.nn.Module.config`. Raises
-    ValueError for a file that is not JSON or not a valid config."""
+def load_config(path, *, seed=0, dtype="float32", device="cpu") -> nn.Module:
+    """A fresh model, weights drawn from ``seed``, from a JSON file holding a
+    `xpcnn.nn.Module.config`. Raises ValueError for a file that is not JSON or not a valid
+    config."""
     try:
         with open(os.fspath(path)) as f:
             config = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not a JSON model config ({exc})") from None
     model = nn.build(config, dtype=dtype, device=device)
-    model.reset_parameters(0)
+    model.reset_parameters(seed)
     return model
 
 

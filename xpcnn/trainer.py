@@ -37,7 +37,7 @@ from .backends import Backend, get_backend, to_numpy
 from .conv import INPUT_GRAD_METHODS
 from .functional import correct_count, cross_entropy
 from .optim import make_optimizer
-from .step import TrainStep
+from .step import TrainStep, predict_function
 
 __all__ = [
     "DeviceData",
@@ -185,10 +185,12 @@ def _check_outputs(model, data):
         )
 
 
-def _evaluate_on(model, data, batch_size, sync, extra=(), reduce=None):
+def _evaluate_on(model, data, batch_size, sync, extra=(), forward=None, reduce=None):
     """Mean loss and accuracy of ``model`` over ``data`` in chunks (bounded memory); ``extra``
-    device scalars are read back in the same transfer and returned after them. ``reduce``
-    (data-parallel runs) sums (loss, correct, count) of this rank's shard over all ranks."""
+    device scalars are read back in the same transfer and returned after them. ``forward``
+    (default ``model.forward``) maps a batch to logits: the trainer passes the compiled
+    `xpcnn.step.predict_function` where the step is compiled. ``reduce`` (data-parallel runs)
+    sums (loss, correct, count) of this rank's shard over all ranks."""
     if data.count == 0:
         raise ValueError("the test set is empty: nothing to evaluate")
     was_training = model.training
@@ -198,7 +200,7 @@ def _evaluate_on(model, data, batch_size, sync, extra=(), reduce=None):
         with model.backend.activate():
             for start in range(0, data.count, batch_size):
                 x, y = data.slice(start, min(start + batch_size, data.count), model.dtype)
-                logits = model.forward(x)
+                logits = (forward or model.forward)(x)
                 loss, _ = cross_entropy(logits, y)
                 loss_sum = loss_sum + loss * x.shape[0]
                 correct = correct + correct_count(logits, y)
@@ -610,7 +612,7 @@ def _zoo_model(name, num_classes, seed):
     from . import models
 
     if models.is_config_path(name):
-        return models.load_config(name), models.recipe("simplecnn").settings()
+        return models.load_config(name, seed=seed), models.recipe("simplecnn").settings()
     return models.create(name, num_classes, seed=seed), models.recipe(name).settings()
 
 
@@ -770,6 +772,8 @@ def _prepare(
         notes=[],
         world=world,
     )
+    # the per-epoch evaluation is compiled too where the step is (eager JAX ops are slow)
+    run.predict = predict_function(model, compile=True) if step.compiled else None
     if compile and not step.compiled:
         run.notes.append(f"backend {backend.name} has no compiler; the step runs eagerly")
     if meta is not None:
@@ -931,7 +935,13 @@ def _epoch(run, epoch, start, interrupt):
     finite_flag = xp.all(xp.stack([xp.all(xp.isfinite(a)) for a in arrays + opt_arrays]))
     reduce = None if run.world is None else run.world.reduce_eval  # data-parallel: shards
     test, (weights_finite,) = _evaluate_on(
-        run.model, run.test, run.eval_batch_size, run.sync, (xp.astype(finite_flag, dtype),), reduce
+        run.model,
+        run.test,
+        run.eval_batch_size,
+        run.sync,
+        (xp.astype(finite_flag, dtype),),
+        run.predict,
+        reduce,
     )
     if not weights_finite or not (math.isfinite(test.loss) and math.isfinite(total)):
         raise TrainingDiverged(
