@@ -206,7 +206,7 @@ def pad_hw(x: Array, padding: Pair, out: Array | None = None) -> Array:
     out = _reusable(out, (n, h + 2 * ph, w + 2 * pw, c), x)
     if out is None:
         return xpx.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    return xpx.at(out)[:, ph : ph + h, pw : pw + w, :].set(x)
+    return _set(out, (slice(None), slice(ph, ph + h), slice(pw, pw + w), slice(None)), x)
 
 
 def conv2d_forward(
