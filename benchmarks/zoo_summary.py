@@ -49,7 +49,7 @@ def runs():
         tag = history.name.removesuffix(".history.json")
         model, seed = re.match(r"fashion-(.+)-seed(\d+)$", tag).groups()
         log = (RESULTS / f"{tag}.log").read_text()
-        command = log.splitlines()[0].removeprefix("$ ")
+        command = [line for line in log.splitlines() if line.startswith("$ ")][-1][2:]
         wall = re.search(r"wall seconds: (\d+) +\((.*)\)", log)
         rows = json.loads(history.read_text())
         out.append(
@@ -91,18 +91,21 @@ def main():
             "runs": mine,
             "mean_test_accuracy": statistics.mean(accs),
             "std_test_accuracy": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "mean_wall_minutes": statistics.mean(r["wall_seconds"] / 60 for r in mine),
+            "mean_train_minutes": statistics.mean(r["train_seconds"] / 60 for r in mine),
         }
     (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print("| model | test accuracy per seed (0, 1, 2) | mean | CPU wall time per run | command |")
-    print("| --- | --- | --- | --- | --- |")
+    print("| model | seeds | test accuracy per seed | mean | training time per run | command |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for model, s in summary.items():
+        seeds = ", ".join(str(r["seed"]) for r in s["runs"])
         accs = ", ".join(f"{r['test_accuracy']:.4f}" for r in s["runs"])
-        walls = ", ".join(f"{r['wall_seconds'] / 60:.0f}" for r in s["runs"])
+        times = ", ".join(f"{r['train_seconds'] / 60:.1f}" for r in s["runs"])
         command = re.sub(r" --seed \d+", " --seed S", s["runs"][0]["command"])
-        command = re.sub(r" --(history|checkpoint) \S+", "", command)
+        command = re.sub(r" --(history|checkpoint) \S+| --resume", "", command)
+        command = command.replace("python -m xpcnn.cli", "xpcnn")
         print(
-            f"| {model} | {accs} | **{s['mean_test_accuracy']:.4f}** | {walls} min | `{command}` |"
+            f"| {model} | {seeds} | {accs} | **{s['mean_test_accuracy']:.4f}** | {times} min "
+            f"| `{command}` |"
         )
 
 
