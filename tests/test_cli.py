@@ -119,6 +119,16 @@ def test_train_then_evaluate(capsys, tmp_path, small_dir):
     assert "epoch 3/3" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("option", [["--optimizer", "adam"], ["--schedule", "constant"]])
+def test_documented_variations_of_the_main_job_run(capsys, small_dir, option):
+    """The commands of docs/training.md's table (there on the embedded digits)."""
+    argv = ["train", "--dataset", str(small_dir), "--epochs", "1", "--no-progress", *option]
+    code = cli.main(argv)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "final test accuracy" in captured.out
+
+
 def test_corrupt_checkpoint_exits_2(capsys, tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")

@@ -99,6 +99,18 @@ def test_train_by_name_uses_the_recipe(small):
         T.train(dataset=small, augment="spin", progress=False)
 
 
+def test_another_optimizer_than_the_recipes_takes_its_own_defaults(small):
+    """The recipe's lr and momentum belong to its optimizer: asking for Adam on a zoo model (the
+    command line's default model is one) gives Adam's defaults, not SGD's lr 0.1 and a momentum
+    Adam refuses."""
+    r = T.train(model="simplecnn", dataset=small, epochs=1, optimizer="adam", progress=False)
+    assert r.optimizer.hyper["lr"] == T.DEFAULTS["adam"]["lr"]
+    r = T.train(model="lenet5", dataset=small, epochs=1, optimizer="adam", lr=0.002, progress=False)
+    assert r.optimizer.hyper["lr"] == 0.002
+    with pytest.raises(ValueError, match="momentum applies to sgd"):
+        T.train(model="lenet5", dataset=small, epochs=1, optimizer="adam", momentum=0.5)
+
+
 def test_train_from_a_json_config(small, tmp_path):
     config = nn.Sequential(
         {"conv": nn.Conv2d(1, 2, 3, stride=3), "act": nn.ELU(), "pool": nn.AdaptiveAvgPool2d(2),

@@ -261,8 +261,7 @@ def _cmd_train(args):
             model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)
             recipe = models.recipe(name)
         if not args.resume:
-            defaults = recipe.settings()
-            settings = {k: defaults.get(k) if v is None else v for k, v in settings.items()}
+            settings = recipe.fill(settings)
         args.dataset = data
     result = T.train(
         model,

@@ -191,6 +191,16 @@ class Recipe:
             out.pop("momentum")
         return out
 
+    def fill(self, given: dict) -> dict:
+        """``given`` (`xpcnn.train` keyword arguments, None where unset) with the recipe's value
+        wherever it is None. The recipe's ``lr`` and ``momentum`` belong to its optimizer: when
+        ``given`` asks for another optimizer, they stay None (that optimizer's defaults)."""
+        defaults = self.settings()
+        if given.get("optimizer") not in (None, self.optimizer):
+            defaults.pop("lr", None)
+            defaults.pop("momentum", None)
+        return {k: defaults.get(k) if v is None else v for k, v in given.items()}
+
 
 #: name -> (class, recipe). Results of each recipe on Fashion-MNIST: docs/models.md.
 ZOO: dict[str, tuple[type[nn.Module], Recipe]] = {

@@ -53,7 +53,7 @@ __all__ = [
     "train_epoch",
 ]
 
-DEFAULTS = {  # chosen with benchmarks/sweep_defaults.py (results in docs/training.md)
+DEFAULTS = {  # SGD's from benchmarks/sweep_defaults.py (docs/training.md); Adam's the usual 1e-3
     "sgd": {"lr": 0.1, "momentum": 0.9},
     "adam": {"lr": 1e-3},
 }
@@ -586,15 +586,14 @@ def train(
     with contextlib.nullcontext() if world is None else world.agreement():
         if isinstance(model, str | os.PathLike):  # a zoo name or a JSON config: its recipe
             dataset = _dataset(dataset)
-            model, defaults = _zoo_model(model, dataset.num_classes, seed)
+            model, recipe = _zoo_model(model, dataset.num_classes, seed)
             if not resume:  # a resumed run keeps the checkpoint's settings
                 epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, augment = (
-                    v if v is not None else defaults.get(k)
-                    for k, v in (
-                        ("epochs", epochs), ("batch_size", batch_size), ("optimizer", optimizer),
-                        ("lr", lr), ("momentum", momentum), ("weight_decay", weight_decay),
-                        ("schedule", schedule), ("augment", augment),
-                    )
+                    recipe.fill(
+                        {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+                         "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                         "schedule": schedule, "augment": augment}
+                    ).values()
                 )  # fmt: skip
         run = _prepare(
             model, device if world is None else world.device_for(device), dataset, epochs,
@@ -608,12 +607,12 @@ def train(
 
 
 def _zoo_model(name, num_classes, seed):
-    """The model and recipe settings for a zoo name or a JSON config path."""
+    """The model and its `xpcnn.models.Recipe` for a zoo name or a JSON config path."""
     from . import models
 
     if models.is_config_path(name):
-        return models.load_config(name, seed=seed), models.recipe("simplecnn").settings()
-    return models.create(name, num_classes, seed=seed), models.recipe(name).settings()
+        return models.load_config(name, seed=seed), models.recipe("simplecnn")
+    return models.create(name, num_classes, seed=seed), models.recipe(name)
 
 
 def _prepare(
