@@ -76,6 +76,18 @@ def backend64(request):
     return _resolve(request.param)
 
 
+@pytest.fixture(scope="session")
+def small():
+    """192 train / 64 test embedded digits (test files that need other sizes define their own)."""
+    from xpcnn import datasets
+
+    d = datasets.load("mnist-5k")
+    return datasets.Dataset(
+        "small", d.train_images[:192], d.train_labels[:192], d.test_images[:64],
+        d.test_labels[:64], d.source,
+    )  # fmt: skip
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import xpcnn
-from xpcnn import datasets, nn, optim
+from xpcnn import nn, optim
 from xpcnn import trainer as T
 from xpcnn.backends import BackendUnavailable, get_backend
 from xpcnn.step import TrainStep, predict_function, scratch_off
@@ -139,15 +139,6 @@ def test_compiled_predict_equals_eager(spec, rng):
     ref = model(x)
     got = predict_function(model, compile=True)(x)
     assert_close(got, T.to_numpy(ref), "float32", "logits", backend=backend)
-
-
-@pytest.fixture(scope="module")
-def small():
-    d = datasets.load("mnist-5k")
-    return datasets.Dataset(
-        "small", d.train_images[:192], d.train_labels[:192], d.test_images[:64],
-        d.test_labels[:64], d.source,
-    )  # fmt: skip
 
 
 def test_train_compiles_by_default_where_it_can_and_resumes_exactly(small, tmp_path, monkeypatch):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import xpcnn
-from xpcnn import cli, compare, datasets, interop, models, nn
+from xpcnn import cli, compare, interop, models, nn
 from xpcnn import reference as R
 from xpcnn import trainer as T
 from xpcnn.backends import BackendUnavailable, get_backend
@@ -22,15 +22,6 @@ from torch_model import torch_lenet5, torch_minivgg, torch_simple_cnn
 torch = pytest.importorskip("torch")
 
 TWINS = {"simplecnn": torch_simple_cnn, "lenet5": torch_lenet5, "minivgg": torch_minivgg}
-
-
-@pytest.fixture(scope="module")
-def small():
-    d = datasets.load("mnist-5k")
-    return datasets.Dataset(
-        "small", d.train_images[:192], d.train_labels[:192], d.test_images[:64],
-        d.test_labels[:64], d.source,
-    )  # fmt: skip
 
 
 def _no_dropout(net):
