@@ -319,16 +319,17 @@ def batch_norm_backward(g, xhat, inv_std, weight):
     two are None when there is no ``weight``."""
     xp = array_namespace(g, xhat)
     shape = _channel_shape(g)
-    dweight = dbias = None
-    dxhat = g
-    if weight is not None:
-        dbias = _channel_sum(g)
-        dweight = _channel_sum(g * xhat)
-        dxhat = g * xp.reshape(weight, shape)
-    mean_dxhat = xp.reshape(_channel_mean(dxhat), shape)
-    mean_dxhat_xhat = xp.reshape(_channel_mean(dxhat * xhat), shape)
-    dx = (dxhat - mean_dxhat - xhat * mean_dxhat_xhat) * xp.reshape(inv_std, shape)
-    return dx, dweight, dbias
+    count = float(math.prod(g.shape) // g.shape[1])
+    # dxhat = g * w with w one value per channel, so mean(dxhat) and mean(dxhat * xhat) are
+    # w * dbias / count and w * dweight / count: two reductions serve all three gradients.
+    sum_g = _channel_sum(g)
+    sum_g_xhat = _channel_sum(g * xhat)
+    scale = inv_std if weight is None else inv_std * weight
+    centred = g - xp.reshape(sum_g / count, shape) - xhat * xp.reshape(sum_g_xhat / count, shape)
+    dx = centred * xp.reshape(scale, shape)
+    if weight is None:
+        return dx, None, None
+    return dx, sum_g_xhat, sum_g
 
 
 def running_update(running_mean, running_var, mean, var, count, momentum):
