@@ -379,12 +379,9 @@ def input_grad_dilation(
     (h, w), (sh, sw), (ph, pw) = in_size, stride, padding
     if (kh, kw) == (sh, sw) and (h, w) == (sh * oh, sw * ow) and (ph, pw) == (0, 0):
         # One tap per phase, and the phases tile dX exactly: row s*y + i is G[y] @ W[i]. The
-        # product's (kh, kw) tap blocks are the phases; one permutation interleaves them.
-        products = xp.reshape(
-            xp.reshape(g, (-1, o)) @ weight_matrix(weight), (n, oh, ow, kh, kw, c)
-        )
-        tiles = xp.permute_dims(products, (0, 1, 3, 2, 4, 5))  # (N, OH, kh, OW, kw, C)
-        return xp.reshape(tiles, (n, h, w, c))
+        # product's (kh, kw) tap blocks are the phases, and interleaving them is the very
+        # permutation col2im does for windows that do not overlap.
+        return input_grad_col2im(g, weight, in_size, stride, padding)
     rows_h, (fh, bh) = dilation_phases(h, kh, sh, ph, oh)
     rows_w, (fw, bw) = dilation_phases(w, kw, sw, pw, ow)
     if fh or bh or fw or bw:

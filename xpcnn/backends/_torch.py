@@ -153,8 +153,9 @@ class CudaGraphFunction:
 
 
 def _register_hooks(xp, torch):
-    """torch's own operators for ReLU and its gradient: one kernel each, and no 0 copied to the
-    GPU at every call (which the Array API fallback, ``maximum(x, 0.0)``, would do); its erf."""
+    """torch's own operators for ReLU (one kernel), its gradient (``where(y > 0, g, 0)``, the
+    fallback's rule, with a Python 0 rather than a 0 copied to the GPU at every call, as the Array
+    API fallback ``maximum(x, 0.0)`` would do) and erf."""
     kernels.register(xp, "relu", torch.relu)
     kernels.register(xp, "relu_backward", lambda g, y: torch.where(y > 0, g, 0.0))
     kernels.register(xp, "erf", torch.special.erf)
