@@ -50,19 +50,9 @@ import functools
 from typing import Any
 
 import array_api_extra as xpx
-from array_api_compat import device, is_jax_array
+from array_api_compat import device, is_writeable_array
 
 from ._namespace import array_namespace
-
-try:
-    from array_api_compat import is_writeable_array
-except ImportError:  # an array-api-compat without it
-
-    def is_writeable_array(x):
-        """False for JAX arrays and read-only NumPy views, True for other arrays."""
-        flags = getattr(x, "flags", None)
-        return not is_jax_array(x) and bool(getattr(flags, "writeable", True))
-
 
 Array = Any  # an array of any Array API namespace (NumPy, CuPy, torch, JAX, array-api-strict)
 Pair = tuple[int, int]  # (height, width)
@@ -163,7 +153,7 @@ def conv_stride1(x: Array, weight: Array) -> Array:
 def _writeable(x: Array) -> bool:
     """True if ``x`` may be kept and written in place on a later call: not a JAX array or tracer
     (immutable, and a tracer must not outlive its trace), not a read-only view."""
-    return not is_jax_array(x) and is_writeable_array(x)
+    return is_writeable_array(x)
 
 
 def _reusable(out, shape, like):

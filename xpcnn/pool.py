@@ -27,7 +27,8 @@ window.
 
 Adaptive average pooling to ``(OH, OW)``: output cell (y, x) averages the input rows
 ``floor(y*H/OH) .. ceil((y+1)*H/OH) - 1`` and the columns likewise (PyTorch's windows); for
-``(1, 1)`` that is the global average over H and W.
+``(1, 1)`` that is the global average over H and W, and where OH divides H and OW divides W it
+is average pooling with kernel = stride = ``(H/OH, W/OW)``.
 """
 
 from __future__ import annotations
@@ -166,6 +167,9 @@ def adaptive_avg_pool2d(x, output_size):
     h, w = x.shape[2], x.shape[3]
     if (oh, ow) == (1, 1):
         return xp.mean(x, axis=(2, 3), keepdims=True)
+    if h % oh == 0 and w % ow == 0:  # equal windows that tile x: plain average pooling
+        kernel = (h // oh, w // ow)
+        return avg_pool2d(x, kernel, kernel, (0, 0))[0]
     rows = []
     for r0, r1 in adaptive_windows(h, oh):
         cells = [xp.mean(x[:, :, r0:r1, c0:c1], axis=(2, 3)) for c0, c1 in adaptive_windows(w, ow)]
@@ -181,6 +185,9 @@ def adaptive_avg_pool2d_backward(g, x_shape):
     oh, ow = g.shape[2], g.shape[3]
     if (oh, ow) == (1, 1):
         return xp.broadcast_to(g / float(h * w), (n, c, h, w))
+    if h % oh == 0 and w % ow == 0:
+        kernel = (h // oh, w // ow)
+        return avg_pool2d_backward(g, float(h * w // (oh * ow)), x_shape, kernel, kernel, (0, 0))
     dx = xp.zeros((n, c, h, w), dtype=g.dtype, device=device(g))
     for y, (r0, r1) in enumerate(adaptive_windows(h, oh)):
         for x_, (c0, c1) in enumerate(adaptive_windows(w, ow)):
