@@ -188,6 +188,43 @@ def col2im():
     )
 
 
+def adaptive_pool():
+    """AdaptiveAvgPool2d 14x14 -> 7x7 at (128, 64): windows that tile the input run as
+    AvgPool2d; before, one mean (forward) or one strided addition (backward) per output cell."""
+    from xpcnn import pool
+
+    x = rng.standard_normal((128, 64, 14, 14), dtype=np.float32)
+    g = rng.standard_normal((128, 64, 7, 7), dtype=np.float32)
+    cells = pool.adaptive_windows(14, 7)
+
+    def per_cell_forward():
+        rows = [np.stack([x[:, :, r0:r1, c0:c1].mean((2, 3)) for c0, c1 in cells], 2)
+                for r0, r1 in cells]  # fmt: skip
+        return np.stack(rows, 2)
+
+    def per_cell_backward():
+        dx = np.zeros(x.shape, np.float32)
+        for y, (r0, r1) in enumerate(cells):
+            for x_, (c0, c1) in enumerate(cells):
+                dx[:, :, r0:r1, c0:c1] += g[:, :, y : y + 1, x_ : x_ + 1] / ((r1 - r0) * (c1 - c0))
+        return dx
+
+    np.testing.assert_allclose(pool.adaptive_avg_pool2d(x, (7, 7)), per_cell_forward(), 1e-6)
+    np.testing.assert_allclose(
+        pool.adaptive_avg_pool2d_backward(g, x.shape), per_cell_backward(), 1e-6
+    )
+    show(
+        "adaptive avg pool 14->7 forward: as AvgPool2d | per cell",
+        lambda: pool.adaptive_avg_pool2d(x, (7, 7)),
+        per_cell_forward,
+    )
+    show(
+        "adaptive avg pool 14->7 backward: as AvgPool2d | per cell",
+        lambda: pool.adaptive_avg_pool2d_backward(g, x.shape),
+        per_cell_backward,
+    )
+
+
 def namespace_lookup():
     a = np.ones(3, np.float32)
     show(
@@ -273,6 +310,7 @@ PARTS = (
     im2col_order,
     stride1_conv,
     col2im,
+    adaptive_pool,
     namespace_lookup,
     eval_chunks,
     batch1_floor,
