@@ -39,15 +39,15 @@ CASES = [
     _case("AvgPool2d-k2s2p0", lambda: nn.AvgPool2d(2), lambda: T.AvgPool2d(2), (2, 3, 6, 7)),
     _case("AvgPool2d-k3s2p1", lambda: nn.AvgPool2d(3, 2, 1), lambda: T.AvgPool2d(3, 2, 1),
           (2, 2, 7, 6)),
-    _case("AvgPool2d-k3s2p1-nopadcount", lambda: nn.AvgPool2d(3, 2, 1, False),
+    _case("AvgPool2d-k3s2p1-nopadcount", lambda: nn.AvgPool2d(3, 2, 1, count_include_pad=False),
           lambda: T.AvgPool2d(3, 2, 1, count_include_pad=False), (2, 2, 7, 6)),
-    _case("AvgPool2d-k3s1p1-nopadcount", lambda: nn.AvgPool2d(3, 1, 1, False),
+    _case("AvgPool2d-k3s1p1-nopadcount", lambda: nn.AvgPool2d(3, 1, 1, count_include_pad=False),
           lambda: T.AvgPool2d(3, 1, 1, count_include_pad=False), (1, 2, 5, 4)),
     _case("AdaptiveAvgPool2d-o1", lambda: nn.AdaptiveAvgPool2d(1),
           lambda: T.AdaptiveAvgPool2d(1), (2, 3, 5, 4)),
     _case("AdaptiveAvgPool2d-o2x3", lambda: nn.AdaptiveAvgPool2d((2, 3)),
           lambda: T.AdaptiveAvgPool2d((2, 3)), (2, 2, 7, 5)),
-    _case("AvgPool2d-k2s3p1-nopadcount", lambda: nn.AvgPool2d(2, 3, 1, False),
+    _case("AvgPool2d-k2s3p1-nopadcount", lambda: nn.AvgPool2d(2, 3, 1, count_include_pad=False),
           lambda: T.AvgPool2d(2, 3, 1, count_include_pad=False), (2, 2, 7, 8)),
     _case("AdaptiveAvgPool2d-o2x3-tiles", lambda: nn.AdaptiveAvgPool2d((2, 3)),
           lambda: T.AdaptiveAvgPool2d((2, 3)), (2, 2, 6, 9)),
@@ -410,12 +410,30 @@ def test_erf_fallback_in_float32(rng):
         (lambda: nn.BatchNorm1d(3, eps=0), "eps must be a positive number"),
         (lambda: nn.Dropout(1.5), "p must be a probability"),
         (lambda: nn.GELU("fast"), "approximate must be one of"),
+        (lambda: nn.AvgPool2d(3, 2, 1, True), r"AvgPool2d: ceil_mode=True is not supported"),
+        (lambda: nn.AvgPool2d(2, divisor_override=3), "divisor_override=3 is not supported"),
+        (lambda: nn.MaxPool2d(2, 2, 0, 2), r"MaxPool2d: dilation=\(2, 2\) is not supported"),
+        (lambda: nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True is not supported"),
+        (lambda: nn.MaxPool2d(2, return_indices=True), "return_indices=True is not supported"),
     ],
-    ids=["pool-pad", "pool-k0", "adaptive-0", "bn-0", "bn-momentum", "bn-eps", "drop-p", "gelu"],
+    ids=["pool-pad", "pool-k0", "adaptive-0", "bn-0", "bn-momentum", "bn-eps", "drop-p", "gelu",
+         "avg-ceil", "avg-divisor", "max-dilation", "max-ceil", "max-indices"],  # fmt: skip
 )
 def test_constructor_errors_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_pooling_signatures_are_torchs():
+    """A positional call means what it means in PyTorch (AvgPool2d's 4th argument is
+    ceil_mode, not count_include_pad), and every torch argument name is accepted."""
+    import inspect
+
+    for ours, theirs in ((nn.MaxPool2d, T.MaxPool2d), (nn.AvgPool2d, T.AvgPool2d)):
+        names = [p for p in inspect.signature(ours).parameters if p not in ("dtype", "device")]
+        assert names == list(inspect.signature(theirs).parameters), ours.__name__
+    layer = nn.AvgPool2d(3, 2, 1, False, False)
+    assert (layer.count_include_pad, layer.config()["ceil_mode"]) == (False, False)
 
 
 def test_shape_errors_name_the_layer():

@@ -319,7 +319,7 @@ def _from_torch_layer(module, dtype):
                 _pair_of_ints(module.kernel_size, "kernel_size"),
                 _pair_of_ints(module.stride, "stride"),
                 _pair_of_ints(module.padding, "padding"),
-                module.count_include_pad,
+                count_include_pad=module.count_include_pad,
                 dtype=dtype,
             )
         if kind == "AdaptiveAvgPool2d":

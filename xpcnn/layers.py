@@ -36,6 +36,12 @@ __all__ = [
 # --- pooling --------------------------------------------------------------------------------------
 
 
+def _only_default(layer, name, value, default):
+    """Refuse a PyTorch option xpcnn does not implement, by name, instead of ignoring it."""
+    if value != default or type(value) is not type(default):
+        raise ValueError(f"{layer}: {name}={value!r} is not supported (only {default!r})")
+
+
 class _Pool2d(Module):
     """Shared by MaxPool2d and AvgPool2d: sizes, checks and the shape arithmetic."""
 
@@ -78,7 +84,25 @@ class MaxPool2d(_Pool2d):
 
     Backward sends each output's gradient to the input that was the window's maximum; on a
     tie, to the first in row-major window order, as PyTorch's CPU kernel does
-    (`xpcnn.pool.max_pool2d`)."""
+    (`xpcnn.pool.max_pool2d`). PyTorch's signature; ``dilation``, ``return_indices`` and
+    ``ceil_mode`` take only their defaults."""
+
+    def __init__(
+        self,
+        kernel_size,
+        stride=None,
+        padding=0,
+        dilation=1,
+        return_indices=False,
+        ceil_mode=False,
+        *,
+        dtype="float32",
+        device="cpu",
+    ):
+        super().__init__(kernel_size, stride, padding, dtype=dtype, device=device)
+        _only_default("MaxPool2d", "dilation", C.pair(dilation, "dilation"), (1, 1))
+        _only_default("MaxPool2d", "return_indices", return_indices, False)
+        _only_default("MaxPool2d", "ceil_mode", ceil_mode, False)
 
     def forward(self, x):
         self._check(x)
@@ -99,19 +123,25 @@ class MaxPool2d(_Pool2d):
 class AvgPool2d(_Pool2d):
     """Mean over each ``kernel_size`` window, like ``torch.nn.AvgPool2d``. With
     ``count_include_pad=True`` (PyTorch's default) padding zeros count in the mean; with False
-    only the real inputs under the window do."""
+    only the real inputs under the window do. PyTorch's signature (so the fourth positional
+    argument is ``ceil_mode``); ``ceil_mode`` and ``divisor_override`` take only their
+    defaults."""
 
     def __init__(
         self,
         kernel_size,
         stride=None,
         padding=0,
+        ceil_mode=False,
         count_include_pad=True,
+        divisor_override=None,
         *,
         dtype="float32",
         device="cpu",
     ):
         super().__init__(kernel_size, stride, padding, dtype=dtype, device=device)
+        _only_default("AvgPool2d", "ceil_mode", ceil_mode, False)
+        _only_default("AvgPool2d", "divisor_override", divisor_override, None)
         self.count_include_pad = bool(count_include_pad)
 
     def forward(self, x):
