@@ -447,6 +447,26 @@ def test_shape_errors_name_the_layer():
         nn.MaxPool2d(2)(np.zeros((2, 2), np.float32))
 
 
+def test_batch_norm_without_running_statistics_is_never_evaluated_in_chunks():
+    """Eval mode with track_running_stats=False normalises with the whole batch's statistics, as
+    torch does, even when the batch is larger than the model's eval chunk; and a single value
+    per channel is refused there too."""
+    ours = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3, track_running_stats=False))
+    ours = ours.to(dtype="float64").eval()
+    ours.eval_chunk = 4
+    theirs = T.Sequential(T.Conv2d(2, 3, 3), T.BatchNorm2d(3, track_running_stats=False))
+    theirs = theirs.double().eval()
+    with torch.no_grad():
+        theirs[0].weight.copy_(torch.from_numpy(np.asarray(ours[0].weight.data)))
+        theirs[0].bias.copy_(torch.from_numpy(np.asarray(ours[0].bias.data)))
+    x = np.random.default_rng(0).standard_normal((10, 2, 5, 5)) * 3 + 1
+    with torch.no_grad():
+        want = theirs(torch.from_numpy(x)).numpy()
+    assert_close(ours(x), want, "float64", "chunked eval", backend=get_backend("cpu"))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        nn.BatchNorm1d(3, track_running_stats=False).eval()(np.zeros((1, 3), np.float32))
+
+
 def test_configs_rebuild_every_layer():
     """Each layer's config is its constructor call; build() recreates it, batch-norm state
     included (weight 1, bias 0, running mean 0, variance 1, no batches)."""

@@ -204,6 +204,11 @@ class _BatchNorm(Module):
     _ndims: tuple[int, ...] = ()
     _layout = ""
 
+    @property
+    def batch_dependent_eval(self) -> bool:
+        """Without running statistics, eval mode normalises with the batch's own."""
+        return not self.track_running_stats
+
     def __init__(
         self,
         num_features,
@@ -265,7 +270,7 @@ class _BatchNorm(Module):
         count = x.shape[0]
         for s in x.shape[2:]:
             count *= s
-        if count < 2 and self.training:
+        if count < 2:  # batch statistics (training, or no running ones) need two values
             raise ValueError(
                 f"{self.label}: expected more than 1 value per channel when training, got "
                 f"input shape {tuple(x.shape)}"

@@ -128,6 +128,10 @@ class Module:
     and, if they have weights, `reset_parameters` (which assigns `Parameter` attributes).
     """
 
+    #: True when, in eval mode, one sample's output depends on the rest of the batch (batch norm
+    #: without running statistics): `Sequential` then never evaluates the batch in chunks.
+    batch_dependent_eval = False
+
     def __init_subclass__(cls, **kwargs):
         """Register the class for `build` and record its constructor arguments as its config."""
         super().__init_subclass__(**kwargs)
@@ -661,14 +665,15 @@ class Sequential(Module):
     #: In eval mode, batches larger than this run through the layers in chunks of this many
     #: samples: on a CPU the intermediate arrays then stay in cache, and peak memory no longer
     #: grows with the batch. None (the default) takes the backend's `Backend.eval_chunk`
-    #: (small on CPUs, large on GPUs, which want big batches). Training never chunks.
+    #: (small on CPUs, large on GPUs, which want big batches). Training never chunks, nor does
+    #: a model with a `Module.batch_dependent_eval` layer.
     eval_chunk = None
 
     def forward(self, x):
         """Run every layer in order (in eval mode, `eval_chunk` samples at a time)."""
         n = x.shape[0] if x.ndim else 0
         chunk = self.eval_chunk or self.backend.eval_chunk
-        if self.training or n <= chunk:
+        if self.training or n <= chunk or any(m.batch_dependent_eval for m in self.modules()):
             for layer in self._layers:
                 x = layer.forward(x)
             return x
