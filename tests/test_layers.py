@@ -416,8 +416,21 @@ def test_erf_fallback_in_float32(rng):
         (lambda: nn.MaxPool2d(2, ceil_mode=True), "ceil_mode=True is not supported"),
         (lambda: nn.MaxPool2d(2, return_indices=True), "return_indices=True is not supported"),
     ],
-    ids=["pool-pad", "pool-k0", "adaptive-0", "bn-0", "bn-momentum", "bn-eps", "drop-p", "gelu",
-         "avg-ceil", "avg-divisor", "max-dilation", "max-ceil", "max-indices"],  # fmt: skip
+    ids=[
+        "pool-pad",
+        "pool-k0",
+        "adaptive-0",
+        "bn-0",
+        "bn-momentum",
+        "bn-eps",
+        "drop-p",
+        "gelu",
+        "avg-ceil",
+        "avg-divisor",
+        "max-dilation",
+        "max-ceil",
+        "max-indices",
+    ],  # fmt: skip
 )
 def test_constructor_errors_name_the_argument(make, match):
     with pytest.raises(ValueError, match=match):

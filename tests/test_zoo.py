@@ -90,6 +90,18 @@ def test_train_by_name_uses_the_recipe(small):
         T.train(dataset=small, augment="spin", progress=False)
 
 
+def test_a_zoo_model_object_trains_with_its_recipe_too(small):
+    """``train(models.create("lenet5"))`` and ``xpcnn.compare(..., train_epochs=)``, which
+    passes the model object, get the same recipe as the name; other models the defaults."""
+    r = T.train(models.create("lenet5"), dataset=small, epochs=1, progress=False)
+    assert r.optimizer.hyper["lr"] == models.recipe("lenet5").lr != T.DEFAULTS["sgd"]["lr"]
+    assert models.recipe_of(r.model) is models.recipe("lenet5")
+    other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
+    assert models.recipe_of(other) is None
+    r = T.train(other, dataset=small, epochs=1, progress=False)
+    assert r.optimizer.hyper["lr"] == T.DEFAULTS["sgd"]["lr"]
+
+
 def test_another_optimizer_than_the_recipes_takes_its_own_defaults(small):
     """The recipe's lr and momentum belong to its optimizer: asking for Adam on a zoo model (the
     command line's default model is one) gives Adam's defaults, not SGD's lr 0.1 and a momentum

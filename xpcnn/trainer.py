@@ -546,7 +546,8 @@ def train(
     ``model`` is an xpcnn Module, the name of a zoo model (``"simplecnn"``, ``"lenet5"``,
     ``"minivgg"``: `xpcnn.models`, built fresh from ``seed``) or the path of a JSON model
     config; a zoo model's recipe (`xpcnn.models.Recipe`) supplies every training argument
-    left at None (a config file gets SimpleCNN's). ``augment`` is data augmentation on the
+    left at None, whether the model is given by name or as an object of a zoo class (a config
+    file gets SimpleCNN's). ``augment`` is data augmentation on the
     device (`xpcnn.augment.parse`: ``"crop+flip"``, ``"crop4"``, ``"flip"``, a dict, or
     ``"none"``; default none, or the checkpoint's on resume); its random numbers, like
     dropout's, come from a device generator (`xpcnn.random`) seeded from ``seed`` and saved in
@@ -584,17 +585,22 @@ def train(
     world = _dist.setup(distributed)  # None outside an MPI job: nothing below changes
     # in an MPI job, a rank that cannot start stops every rank, with one message
     with contextlib.nullcontext() if world is None else world.agreement():
+        recipe = None
         if isinstance(model, str | os.PathLike):  # a zoo name or a JSON config: its recipe
             dataset = _dataset(dataset)
             model, recipe = _zoo_model(model, dataset.num_classes, seed)
-            if not resume:  # a resumed run keeps the checkpoint's settings
-                epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, augment = (
-                    recipe.fill(
-                        {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
-                         "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-                         "schedule": schedule, "augment": augment}
-                    ).values()
-                )  # fmt: skip
+        elif model is not None:  # a zoo model object: its recipe too
+            from . import models
+
+            recipe = models.recipe_of(model)
+        if recipe is not None and not resume:  # a resumed run keeps the checkpoint's settings
+            epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, augment = (
+                recipe.fill(
+                    {"epochs": epochs, "batch_size": batch_size, "optimizer": optimizer,
+                     "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                     "schedule": schedule, "augment": augment}
+                ).values()
+            )  # fmt: skip
         run = _prepare(
             model, device if world is None else world.device_for(device), dataset, epochs,
             batch_size, optimizer, lr, momentum, weight_decay, seed, checkpoint, resume,
