@@ -33,7 +33,7 @@ from xpcnn import step as S
 from xpcnn import trainer as T
 from xpcnn.step import TrainStep
 
-#: name -> (device, dtype, optimizer, training images); batch 128, 2 epochs, seed 3
+#: name -> (device, dtype, optimizer, training images[, augment]); batch 128, 2 epochs, seed 3
 CONFIGS = {
     "cpu-float64-sgd": ("cpu", "float64", "sgd", 301),
     "cpu-float32-sgd": ("cpu", "float32", "sgd", 301),
@@ -41,6 +41,9 @@ CONFIGS = {
     "cpu-float64-tail1": ("cpu", "float64", "sgd", 257),  # last batch: 1 image for 2 ranks
     "torch-float64-sgd": ("torch:cpu", "float64", "sgd", 301),
     "torch-float32-sgd": ("torch:cpu", "float32", "sgd", 301),
+    # augmentation: each rank draws the crops and flips of the whole global batch, keeps its own
+    "cpu-float64-augment": ("cpu", "float64", "sgd", 301, "crop2+flip"),
+    "torch-float64-augment": ("torch:cpu", "float64", "sgd", 301, "crop2+flip"),
 }
 # every step the same shapes (2 x 64 images): one trace of each compiled half per rank
 JAX_CONFIGS = {"jax-float64-sgd-compiled": ("jax:cpu", "float64", "sgd", 256)}
@@ -59,11 +62,12 @@ def subset(train, test=101):
 
 def run_config(name, config, **kw):
     """`xpcnn.train` for one of `CONFIGS`: 2 epochs at global batch 128."""
-    device, dtype, optimizer, train = config
+    device, dtype, optimizer, train, *augment = config
     model = nn.SimpleCNN(seed=3, dtype=dtype)
     return T.train(
         model, device=device, dataset=subset(train), epochs=2, batch_size=128,
-        optimizer=optimizer, seed=3, progress=False, **kw,
+        optimizer=optimizer, seed=3, progress=False, augment=augment[0] if augment else None,
+        **kw,
     )  # fmt: skip
 
 

@@ -45,6 +45,30 @@ def test_state_round_trips_through_json(backend):
     assert not np.array_equal(different, to_numpy(random.generator(backend, 5).uniform((4, 5))))
 
 
+def test_row_slices_of_ranks_put_together_are_the_whole_draw(backend):
+    """`random.RowSlice`: ranks holding rows 0:3 and 3:5 of a 5-sample batch get exactly what
+    one process draws for the 5, and end in the same generator state; a draw that is not per
+    sample passes through."""
+    whole = random.generator(backend, 7)
+    want = [whole.integers(0, 9, (5,)), whole.uniform((5, 2)), whole.bernoulli(0.5, (5,))]
+    want.append(whole.normal((4,)))
+    got, states = [], []
+    for lo, hi in ((0, 3), (3, 5)):
+        gen = random.generator(backend, 7)
+        part = random.RowSlice(gen, 5, lo, hi)
+        draws = [part.integers(0, 9, (hi - lo,)), part.uniform((hi - lo, 2))]
+        draws += [part.bernoulli(0.5, (hi - lo,)), part.normal((4,))]
+        for a in draws:
+            assert backend.owns(a)
+        got.append([to_numpy(a) for a in draws])
+        states.append(json.dumps(gen.state()))
+    for i in range(3):
+        np.testing.assert_array_equal(np.concatenate([got[0][i], got[1][i]]), to_numpy(want[i]))
+    for g in got:  # not per sample: every rank draws the same
+        np.testing.assert_array_equal(g[3], to_numpy(want[3]))
+    assert states[0] == states[1] == json.dumps(whole.state())
+
+
 def test_a_state_of_another_kind_is_refused():
     with pytest.raises(ValueError, match="expected a 'numpy' state"):
         random.generator("cpu").set_state({"kind": "jax", "key": [0, 1]})

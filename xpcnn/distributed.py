@@ -612,11 +612,11 @@ class _ParallelStep:
         params, buffers, opt_state = step.state()
         total = stop - start
         lo, hi = shard(total, world.size, world.rank)
+        gen = step.generator
         if hi > lo:
             x, y = data.batch(order[start + lo : start + hi], step.model.dtype)
-            gen = step.generator
-            if world.augment:
-                x = world.augment(x, gen)
+            if world.augment:  # the numbers one process draws for these images
+                x = world.augment(x, random.RowSlice(gen, total, lo, hi))
             flat, buffers, key = self._grad(
                 (), (), (), params, buffers, x, y, (hi - lo) / total, gen.key
             )

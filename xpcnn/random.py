@@ -47,6 +47,7 @@ import numpy as np
 __all__ = [
     "Generator",
     "HostGenerator",
+    "RowSlice",
     "current",
     "default",
     "generator",
@@ -325,6 +326,37 @@ class CupyGenerator(Generator):
         if isinstance(counter, bool) or not isinstance(counter, int) or counter < 0:
             raise ValueError(f"CupyGenerator: malformed counter {counter!r}")
         self.seed, self.counter = int(state.get("seed", self.seed)), counter
+
+
+class RowSlice(Generator):
+    """Draws as if for a whole batch of ``total`` samples and keeps rows ``lo:hi``: a draw
+    whose first axis has ``hi - lo`` entries is made with ``total`` entries and sliced, any
+    other draw passes through. A data-parallel rank holding samples ``lo:hi`` of a global
+    batch thus gets exactly the numbers one process would draw for those samples, and every
+    rank's ``gen`` advances alike (its state stays the same on all ranks)."""
+
+    def __init__(self, gen: Generator, total: int, lo: int, hi: int):
+        self.gen, self.total, self.lo, self.hi = gen, int(total), int(lo), int(hi)
+        self.backend, self.seed = gen.backend, gen.seed
+
+    def _draw(self, draw, shape, *args):
+        shape = _shape(shape)
+        if not shape or shape[0] != self.hi - self.lo:
+            return draw(*args, shape)
+        whole = draw(*args, (self.total, *shape[1:]))
+        return whole[self.lo : self.hi, ...]
+
+    def uniform(self, shape, dtype="float32"):
+        return self._draw(lambda s: self.gen.uniform(s, dtype), shape)
+
+    def normal(self, shape, dtype="float32"):
+        return self._draw(lambda s: self.gen.normal(s, dtype), shape)
+
+    def bernoulli(self, p, shape):
+        return self._draw(lambda s: self.gen.bernoulli(p, s), shape)
+
+    def integers(self, low, high, shape):
+        return self._draw(lambda s: self.gen.integers(low, high, s), shape)
 
 
 _FACTORIES: dict[str, Callable] = {
