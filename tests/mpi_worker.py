@@ -44,6 +44,7 @@ CONFIGS = {
     # augmentation: each rank draws the crops and flips of the whole global batch, keeps its own
     "cpu-float64-augment": ("cpu", "float64", "sgd", 301, "crop2+flip"),
     "torch-float64-augment": ("torch:cpu", "float64", "sgd", 301, "crop2+flip"),
+    "cpu-float64-tail1-augment": ("cpu", "float64", "sgd", 257, "crop2+flip"),
 }
 # every step the same shapes (2 x 64 images): one trace of each compiled half per rank
 JAX_CONFIGS = {"jax-float64-sgd-compiled": ("jax:cpu", "float64", "sgd", 256)}

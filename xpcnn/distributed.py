@@ -623,6 +623,9 @@ class _ParallelStep:
             if gen.functional:
                 gen.key = key
         else:  # fewer images in this global batch than ranks: contribute nothing
+            if world.augment:  # but draw what the others draw: the generators stay in step
+                x, _ = data.batch(order[start + lo : start + lo], step.model.dtype)
+                world.augment(x, random.RowSlice(gen, total, lo, lo))
             if self._zeros is None:
                 xp = self.backend.xp
                 self._zeros = xp.zeros(
