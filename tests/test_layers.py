@@ -221,18 +221,21 @@ def test_gradients_match_finite_differences(backend64, rng, ours, theirs, shape,
 
 
 @pytest.mark.parametrize("ours, theirs, shape, params", CASES)
-def test_eval_mode_keeps_nothing(rng, ours, theirs, shape, params):
-    """Every layer in eval mode: the training-mode output (the same math but for batch norm,
-    tested above), no cache, and backward refuses."""
-    layer, twin = _pair(ours, theirs, get_backend("cpu"), "float64", rng)
+def test_eval_mode_keeps_nothing(backend64, rng, ours, theirs, shape, params):
+    """Every layer in eval mode, on every namespace: torch's eval output, no cache, and
+    backward refuses."""
+    backend = backend64
+    layer, twin = _pair(ours, theirs, backend, "float64", rng)
     layer.eval()
     twin.eval()
     x = _input(rng, shape)
+    y = layer(backend.asarray(x, "float64"))
     with torch.no_grad():
-        np.testing.assert_allclose(layer(x), twin(torch.from_numpy(x)).numpy(), rtol=1e-12)
+        want = twin(torch.from_numpy(x)).numpy()
+    assert_close(y, want, "float64", "eval forward", backend=backend)
     assert layer._cache is None
     with pytest.raises(RuntimeError, match="needs a forward"):
-        layer.backward(np.zeros(layer(x).shape))
+        layer.backward(backend.asarray(np.zeros(want.shape), "float64"))
 
 
 # --- max pooling: ties and NaN as PyTorch resolves them -------------------------------------------
@@ -300,20 +303,22 @@ def test_dropout_masks_follow_the_generator(backend, rng):
     assert not to_numpy(nn.Dropout(1.0).to(backend)(x)).any()
 
 
-def test_dropout_matches_torch_given_the_mask(rng):
+def test_dropout_matches_torch_given_the_mask(backend64, rng):
     """With the mask xpcnn drew, torch's own arithmetic (x * mask / (1 - p)) and autograd give
-    the same output and gradient."""
-    layer = nn.Dropout(0.3).to(dtype="float64")
+    the same output and gradient, on every namespace."""
+    backend = backend64
+    layer = nn.Dropout(0.3).to(backend, "float64")
     x = rng.standard_normal((5, 7))
-    with random.using(random.generator("cpu", 9)):
-        y = layer(x)
-    keep = y != 0
+    with random.using(random.generator(backend, 9)):
+        y = layer(backend.asarray(x, "float64"))
+    keep = to_numpy(y) != 0
     tx = torch.tensor(x, requires_grad=True)
     ty = tx * torch.from_numpy(keep) / 0.7
     g = rng.standard_normal((5, 7))
     ty.backward(torch.from_numpy(g))
-    np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-15)
-    np.testing.assert_allclose(layer.backward(g), tx.grad.numpy(), rtol=1e-15)
+    assert_close(y, ty.detach().numpy(), "float64", "forward", backend=backend)
+    dx = layer.backward(backend.asarray(g, "float64"))
+    assert_close(dx, tx.grad.numpy(), "float64", "dx", backend=backend)
 
 
 # --- batch norm through several optimizer steps ---------------------------------------------------
