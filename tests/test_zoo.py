@@ -90,6 +90,14 @@ def test_train_by_name_uses_the_recipe(small):
         T.train(dataset=small, augment="spin", progress=False)
 
 
+def test_a_zoo_name_is_the_zoo_model_even_beside_a_file_of_that_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lenet5").write_text("not a config")
+    (tmp_path / "mine").write_text("{}")
+    assert not models.is_config_path("lenet5") and not models.is_config_path("LeNet5")
+    assert models.is_config_path("mine") and models.is_config_path("net.json")
+
+
 def test_a_zoo_model_object_trains_with_its_recipe_too(small):
     """``train(models.create("lenet5"))`` and ``xpcnn.compare(..., train_epochs=)``, which
     passes the model object, get the same recipe as the name; other models the defaults."""

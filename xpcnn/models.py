@@ -273,8 +273,11 @@ def load_config(path, *, seed=0, dtype="float32", device="cpu") -> nn.Module:
 
 
 def is_config_path(name) -> bool:
-    """True when ``name`` names a JSON config file rather than a zoo model."""
+    """True when ``name`` names a JSON config file rather than a zoo model: a zoo name always
+    means the zoo model, even if a file of that name is in the working directory."""
     text = os.fspath(name)
+    if text.lower() in ZOO:
+        return False
     return text.lower().endswith(".json") or os.sep in text or os.path.isfile(text)
 
 
