@@ -345,6 +345,22 @@ def test_a_failing_rank_stops_the_job_with_one_message(tmp_path):
     assert not list(tmp_path.glob("fail-finished-*"))
 
 
+def test_a_rank_that_cannot_load_its_data_on_the_command_line_stops_the_job(tmp_path):
+    """`xpcnn train` loads the dataset and builds the model before training: one rank failing
+    there ends every rank with one message from rank 0, instead of a silent hang."""
+    code = (
+        "import os, sys; from xpcnn.cli import main; "
+        "rank = os.environ.get('OMPI_COMM_WORLD_RANK', os.environ.get('PMI_RANK', '0')); "
+        "data = 'mnist-5k' if rank == '0' else '/nonexistent-dataset'; "
+        "sys.exit(main(['train', '--epochs', '1', '--no-progress', '--dataset', data]))"
+    )
+    rc, stdout, stderr, seconds = _launch([sys.executable, "-c", code], tmp_path, 60)
+    assert rc != 0
+    message = "xpcnn: error: rank 1 failed to start: DatasetNotFound: '/nonexistent-dataset'"
+    assert stderr.count(message) == 1, stderr
+    assert seconds < 30
+
+
 def test_a_killed_rank_ends_the_job_instead_of_hanging(tmp_path):
     args = _mpiexec() + [sys.executable, str(WORKER), "long", str(tmp_path)]
     proc = subprocess.Popen(

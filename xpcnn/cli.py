@@ -7,6 +7,7 @@ diverged; 130 interrupted by Ctrl-C (after saving a checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -250,15 +251,18 @@ def _cmd_train(args):
     model = None
     if not args.resume or args.model:
         from .datasets import load
+        from .distributed import setup
 
-        data = load(args.dataset)
-        name = args.model or "simplecnn"
-        if models.is_config_path(name):
-            model = models.load_config(name, seed=args.seed, dtype=args.dtype)
-            recipe = models.recipe("simplecnn")
-        else:
-            model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)
-            recipe = models.recipe(name)
+        world = setup(None)  # in an MPI job, a rank that cannot load stops all, with one message
+        with contextlib.nullcontext() if world is None else world.agreement():
+            data = load(args.dataset)
+            name = args.model or "simplecnn"
+            if models.is_config_path(name):
+                model = models.load_config(name, seed=args.seed, dtype=args.dtype)
+                recipe = models.recipe("simplecnn")
+            else:
+                model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)
+                recipe = models.recipe(name)
         if not args.resume:
             settings = recipe.fill(settings)
         args.dataset = data
