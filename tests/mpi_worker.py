@@ -45,6 +45,9 @@ CONFIGS = {
     "cpu-float64-augment": ("cpu", "float64", "sgd", 301, "crop2+flip"),
     "torch-float64-augment": ("torch:cpu", "float64", "sgd", 301, "crop2+flip"),
     "cpu-float64-tail1-augment": ("cpu", "float64", "sgd", 257, "crop2+flip"),
+    # dropout, uncompiled: each rank draws the whole global batch's mask, keeps its own rows
+    "cpu-float64-dropout": ("cpu", "float64", "sgd", 301, None, "dropout"),
+    "torch-float32-dropout": ("torch:cpu", "float32", "sgd", 301, None, "dropout"),
 }
 # every step the same shapes (2 x 64 images): one trace of each compiled half per rank
 JAX_CONFIGS = {"jax-float64-sgd-compiled": ("jax:cpu", "float64", "sgd", 256)}
@@ -63,12 +66,23 @@ def subset(train, test=101):
 
 def run_config(name, config, **kw):
     """`xpcnn.train` for one of `CONFIGS`: 2 epochs at global batch 128."""
-    device, dtype, optimizer, train, *augment = config
-    model = nn.SimpleCNN(seed=3, dtype=dtype)
+    device, dtype, optimizer, train, *extra = config
+    augment, model = (*extra, None, None)[:2]
+    if model == "dropout":
+        model = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(784, 32),
+            nn.ReLU(),
+            nn.Dropout(0.3),
+            nn.Linear(32, 10),
+            dtype=dtype,
+        )
+        model.reset_parameters(3)
+    else:
+        model = nn.SimpleCNN(seed=3, dtype=dtype)
     return T.train(
         model, device=device, dataset=subset(train), epochs=2, batch_size=128,
-        optimizer=optimizer, seed=3, progress=False, augment=augment[0] if augment else None,
-        **kw,
+        optimizer=optimizer, seed=3, progress=False, augment=augment, **kw,
     )  # fmt: skip
 
 

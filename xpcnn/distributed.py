@@ -575,6 +575,7 @@ class _ParallelStep:
         else:
             self._grad, self._update = self._flat_gradients, self._apply
         self._zeros = None
+        self._rows = None  # (global batch, first row, end row) for an uncompiled step's draws
         self._reduce = {"host": self._host, "device": self._device, "nccl": self._nccl}[transport]
         self._nccl_comm = None
 
@@ -582,8 +583,11 @@ class _ParallelStep:
     # three arguments (JAX on a GPU): nothing for the gradients (empty placeholders keep the
     # parameters alive), the parameters and optimizer state for the update, not the buffer.
     def _flat_gradients(self, _a, _b, _c, params, buffers, x, labels, weight, key):
-        # dropout draws from the step's generator; a JAX key goes in and the advanced one out
-        with random.using(self.step.generator.with_key(key)) as gen:
+        # dropout draws from the step's generator; a JAX key goes in and the advanced one out.
+        # Uncompiled, it draws for the whole global batch and keeps this rank's rows (`_rows`).
+        gen = self.step.generator.with_key(key)
+        draws = gen if self._rows is None else random.RowSlice(gen, *self._rows)
+        with random.using(draws):
             grads, buffers, loss, correct = self.step.gradients(params, buffers, x, labels)
         self.missing = {i for i, g in enumerate(grads) if g is None}
         xp = self.backend.xp
@@ -617,6 +621,8 @@ class _ParallelStep:
             x, y = data.batch(order[start + lo : start + hi], step.model.dtype)
             if world.augment:  # the numbers one process draws for these images
                 x = world.augment(x, random.RowSlice(gen, total, lo, hi))
+            # a compiled step keeps the rows it was traced with: it draws for its slice only
+            self._rows = None if step.compiled else (total, lo, hi)
             flat, buffers, key = self._grad(
                 (), (), (), params, buffers, x, y, (hi - lo) / total, gen.key
             )
