@@ -22,9 +22,9 @@ import types
 import numpy as np
 import pytest
 
+from xpcnn import augment, cli, nn, optim
 from xpcnn import backends as B
 from xpcnn import checkpoint as ckpt
-from xpcnn import cli, nn, optim
 from xpcnn import distributed as D
 from xpcnn import trainer as T
 
@@ -137,15 +137,24 @@ class _FakeComm:
         return [value, other]
 
 
+class _OtherSchedule(_FakeComm):
+    def allgather(self, value):  # rank 1 of 2 was given another schedule
+        return [value, dict(value, **{"learning-rate schedule": "constant"})]
+
+
 def test_ranks_that_built_different_runs_are_refused():
     world = D.World(_FakeComm(0, 2), local_rank=0, local_size=2)
     model = nn.SimpleCNN()
     run = types.SimpleNamespace(
         dataset_id=T.dataset_identity(mpi_worker.subset(64)), batch_size=32, epochs=1,
         start_epoch=0, start_step=0, seed=0, model=model,
-        optimizer=optim.SGD(model.parameters(), lr=0.1),
+        optimizer=optim.SGD(model.parameters(), lr=0.1), schedule_name="cosine",
+        augment=augment.parse(None),
     )  # fmt: skip
     with pytest.raises(D.DistributedError, match=r"rank 1 differs from rank 0 in its dataset"):
+        world.check_same_run(run)
+    world = D.World(_OtherSchedule(0, 2), local_rank=0, local_size=2)
+    with pytest.raises(D.DistributedError, match=r"in its learning-rate schedule: 'constant'"):
         world.check_same_run(run)
 
 

@@ -386,6 +386,11 @@ class World:
                 [list(p.shape) for p in run.model.parameters()],
             ],
             "optimizer": run.optimizer.state_dict()[0],
+            "learning-rate schedule": run.schedule_name,
+            "augmentation": run.augment.spec,
+            "input-gradient method": sorted(
+                {m.input_grad for m in run.model.modules() if hasattr(m, "input_grad")}
+            ),
         }
         runs = self.comm.allgather(mine)
         for rank, other in enumerate(runs):
