@@ -1,7 +1,7 @@
 """The whole 2-core machine on one training run: PyTorch's eager loop with 2 threads against
 data-parallel ranks at 1 thread each, xpcnn's (MPI) and PyTorch's own (DDP over gloo).
 
-    python benchmarks/ranks_epoch.py --rounds 3 --epochs 3      # Fashion-MNIST, ~10 minutes
+    python benchmarks/ranks_epoch.py --rounds 3 --epochs 3      # Fashion-MNIST, ~7 minutes
     python benchmarks/ranks_epoch.py --dataset mnist-5k --rounds 1 --epochs 2   # a smoke run
 
 A contender is one training command, run in its own process(es) so that its thread counts are

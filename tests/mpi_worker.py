@@ -48,6 +48,7 @@ CONFIGS = {
     # dropout, uncompiled: each rank draws the whole global batch's mask, keeps its own rows
     "cpu-float64-dropout": ("cpu", "float64", "sgd", 301, None, "dropout"),
     "torch-float32-dropout": ("torch:cpu", "float32", "sgd", 301, None, "dropout"),
+    "cpu-float64-tail1-dropout": ("cpu", "float64", "sgd", 257, None, "dropout"),
 }
 # every step the same shapes (2 x 64 images): one trace of each compiled half per rank
 JAX_CONFIGS = {"jax-float64-sgd-compiled": ("jax:cpu", "float64", "sgd", 256)}

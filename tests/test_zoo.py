@@ -98,6 +98,41 @@ def test_a_zoo_name_is_the_zoo_model_even_beside_a_file_of_that_name(tmp_path, m
     assert models.is_config_path("mine") and models.is_config_path("net.json")
 
 
+def test_a_model_with_batch_norm_without_running_statistics_trains(small):
+    """Its eval output uses the batch's statistics; the trainer's one-sample shape probe and a
+    last evaluation batch of one image must not stop it."""
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(784, 16), nn.BatchNorm1d(16, track_running_stats=False),
+        nn.ReLU(), nn.Linear(16, 10),
+    )  # fmt: skip
+    r = T.train(model, dataset=small, epochs=1, eval_batch_size=63, progress=False)
+    assert np.isfinite(r.history[-1]["test_loss"])
+
+
+def test_a_checkpoint_from_before_the_pooling_arguments_resumes_into_a_model(small, tmp_path):
+    """Configs saved before MaxPool2d/AvgPool2d took PyTorch's full signatures lack the new
+    arguments: resuming into a model object compares the rebuilt configs, so they match."""
+    from xpcnn import checkpoint as ckpt
+
+    def make():
+        return nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.MaxPool2d(2), nn.AvgPool2d(2), nn.Flatten(),
+            nn.Linear(4 * 6 * 6, 10),
+        )  # fmt: skip
+
+    path = tmp_path / "old.ckpt"
+    T.train(make(), dataset=small, epochs=1, checkpoint=path, progress=False)
+    arrays, meta = ckpt.load(path)
+    new = ("dilation", "return_indices", "ceil_mode", "divisor_override")
+    for layer in meta["model"]["layers"]:
+        for key in new:
+            layer.pop(key, None)
+    ckpt.save(path, arrays, meta)
+    assert not any(k in layer for layer in ckpt.load(path)[1]["model"]["layers"] for k in new)
+    r = T.train(make(), dataset=small, epochs=2, checkpoint=path, resume=True, progress=False)
+    assert len(r.history) == 2
+
+
 def test_a_zoo_model_object_trains_with_its_recipe_too(small):
     """``train(models.create("lenet5"))`` and ``xpcnn.compare(..., train_epochs=)``, which
     passes the model object, get the same recipe as the name; other models the defaults."""

@@ -259,7 +259,7 @@ def _cmd_train(args):
             name = args.model or "simplecnn"
             if models.is_config_path(name):
                 model = models.load_config(name, seed=args.seed, dtype=args.dtype)
-                recipe = models.recipe("simplecnn")
+                recipe = models.recipe_of(model) or models.recipe("simplecnn")
             else:
                 model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)
                 recipe = models.recipe(name)

@@ -634,9 +634,6 @@ class _ParallelStep:
             if gen.functional:
                 gen.key = key
         else:  # fewer images in this global batch than ranks: contribute nothing
-            if world.augment:  # but draw what the others draw: the generators stay in step
-                x, _ = data.batch(order[start + lo : start + lo], step.model.dtype)
-                world.augment(x, random.RowSlice(gen, total, lo, lo))
             if self._zeros is None:
                 xp = self.backend.xp
                 self._zeros = xp.zeros(
@@ -647,6 +644,8 @@ class _ParallelStep:
         flat, tail = self._reduce(flat, float(interrupt.local), float(due))
         params, opt_state = self._update(params, opt_state, (), flat, lr)
         step.set_state(params, buffers, opt_state)
+        if total < world.size:  # a rank without images drew nothing: all take rank 0's stream
+            gen.set_state(world.comm.bcast(gen.state() if world.rank == 0 else None, root=0))
         loss, correct, stop_all, due_all = tail
         return loss, correct, stop_all > 0, due_all > 0
 

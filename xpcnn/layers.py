@@ -270,7 +270,7 @@ class _BatchNorm(Module):
         count = x.shape[0]
         for s in x.shape[2:]:
             count *= s
-        if count < 2:  # batch statistics (training, or no running ones) need two values
+        if count < 2 and self.training:
             raise ValueError(
                 f"{self.label}: expected more than 1 value per channel when training, got "
                 f"input shape {tuple(x.shape)}"

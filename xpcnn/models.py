@@ -13,7 +13,8 @@ name            layers (28x28 grey images in)                                   
 ==============  =================================================================  =======
 
 A model given as a path is read as a JSON config (what `xpcnn.nn.Module.config` writes and
-`xpcnn.nn.build` reads) and trained with SimpleCNN's recipe unless the caller overrides it.
+`xpcnn.nn.build` reads) and trained with its zoo class's recipe if it builds one, else with
+SimpleCNN's, unless the caller overrides it.
 Each zoo class is an `xpcnn.nn.Sequential` with named layers, so its state dict, its torch twin
 (`xpcnn.interop.to_torch`) and the naive reference (`xpcnn.reference`) all follow from its
 layers; its config is just its constructor call, e.g. ``{"type": "MiniVGG", "num_classes":

@@ -546,8 +546,8 @@ def train(
     ``model`` is an xpcnn Module, the name of a zoo model (``"simplecnn"``, ``"lenet5"``,
     ``"minivgg"``: `xpcnn.models`, built fresh from ``seed``) or the path of a JSON model
     config; a zoo model's recipe (`xpcnn.models.Recipe`) supplies every training argument
-    left at None, whether the model is given by name or as an object of a zoo class (a config
-    file gets SimpleCNN's). ``augment`` is data augmentation on the
+    left at None, whether the model is given by name, as a config or as an object of a zoo
+    class (any other model gets SimpleCNN's). ``augment`` is data augmentation on the
     device (`xpcnn.augment.parse`: ``"crop+flip"``, ``"crop4"``, ``"flip"``, a dict, or
     ``"none"``; default none, or the checkpoint's on resume); its random numbers, like
     dropout's, come from a device generator (`xpcnn.random`) seeded from ``seed`` and saved in
@@ -616,8 +616,9 @@ def _zoo_model(name, num_classes, seed):
     """The model and its `xpcnn.models.Recipe` for a zoo name or a JSON config path."""
     from . import models
 
-    if models.is_config_path(name):
-        return models.load_config(name, seed=seed), models.recipe("simplecnn")
+    if models.is_config_path(name):  # a config of a zoo class gets that class's recipe
+        model = models.load_config(name, seed=seed)
+        return model, models.recipe_of(model) or models.recipe("simplecnn")
     return models.create(name, num_classes, seed=seed), models.recipe(name)
 
 
@@ -686,7 +687,8 @@ def _prepare(
         saved_model = _model_from(checkpoint, arrays, meta, "cpu")
         if model is None:
             model = saved_model
-        elif model.config() != meta["model"] or model.dtype != meta["dtype"]:
+        elif model.config() != saved_model.config() or model.dtype != meta["dtype"]:
+            # (the saved config rebuilt: configs saved before a layer gained an argument match)
             raise ckpt.CheckpointError(
                 f"{checkpoint}: saved for {meta['model'].get('type')} ({meta['dtype']}), "
                 f"cannot resume into {model.config()['type']} ({model.dtype})"
