@@ -51,6 +51,8 @@ CASES = [
           lambda: T.AvgPool2d(2, 3, 1, count_include_pad=False), (2, 2, 7, 8)),
     _case("AdaptiveAvgPool2d-o2x3-tiles", lambda: nn.AdaptiveAvgPool2d((2, 3)),
           lambda: T.AdaptiveAvgPool2d((2, 3)), (2, 2, 6, 9)),
+    _case("AdaptiveAvgPool2d-o5x4-upsamples", lambda: nn.AdaptiveAvgPool2d((5, 4)),
+          lambda: T.AdaptiveAvgPool2d((5, 4)), (2, 2, 3, 3)),
     _case("AdaptiveAvgPool2d-o3", lambda: nn.AdaptiveAvgPool2d(3),
           lambda: T.AdaptiveAvgPool2d(3), (1, 2, 7, 7)),
     _case("BatchNorm2d", lambda: nn.BatchNorm2d(3), lambda: T.BatchNorm2d(3), (4, 3, 5, 4), BN),

@@ -178,12 +178,8 @@ class AdaptiveAvgPool2d(Module):
 
     def forward(self, x):
         self._check_ndim(x, 4, "(N, C, H, W)")
-        oh, ow = self.output_size
-        if x.shape[2] < oh or x.shape[3] < ow:
-            raise ValueError(
-                f"{self.label}: input {x.shape[2]}x{x.shape[3]} is smaller than the output "
-                f"{oh}x{ow}; got shape {tuple(x.shape)}"
-            )
+        if x.shape[2] < 1 or x.shape[3] < 1:
+            raise ValueError(f"{self.label}: empty spatial size; got shape {tuple(x.shape)}")
         self._cache = tuple(x.shape) if self.training else None
         return P.adaptive_avg_pool2d(x, self.output_size)
 
