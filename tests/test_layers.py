@@ -265,6 +265,22 @@ def test_max_pool_ties_go_to_the_first_maximum_like_torch(backend_dtype, rng, k,
     assert (tx.grad.numpy() == 0).sum() > x.size // 3  # most inputs get nothing: a real test
 
 
+def test_max_pool_never_routes_the_gradient_to_padding(backend64):
+    """A window whose inputs are all -inf: PyTorch picks its first input, never the padding
+    (which is -inf too), so no gradient is lost."""
+    backend = backend64
+    x = np.full((1, 1, 2, 2), -np.inf)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.max_pool2d(tx, 2, 1, 1).backward(
+        torch.ones(1, 1, 3, 3, dtype=torch.float64)
+    )
+    layer = nn.MaxPool2d(2, 1, 1).to(backend, "float64")
+    layer(backend.asarray(x, "float64"))
+    dx = layer.backward(backend.asarray(np.ones((1, 1, 3, 3)), "float64"))
+    assert_close(dx, tx.grad.numpy(), "float64", "dx", backend=backend)
+    assert tx.grad.numpy().sum() == 9  # every window's gradient reaches an input
+
+
 def test_max_pool_nan_wins_like_torch():
     x = np.array([[[[1.0, np.nan], [np.nan, 2.0]]]])
     tx = torch.tensor(x, requires_grad=True)

@@ -17,8 +17,8 @@ Max pooling, forward: ``Y = max over (i, j) of window(i, j)``; backward: each ou
 goes to the one input that was the maximum, all others get 0. When several inputs of a window
 share the maximum, PyTorch's CPU kernel sends the gradient to the *first* of them in row-major
 window order (``(0, 0), (0, 1), ..., (1, 0), ...``) and so does this code: a later offset takes
-over only if it is strictly greater (or NaN, which PyTorch also lets win). Padding is ``-inf``:
-never a maximum.
+over only if it is strictly greater (or NaN, which PyTorch also lets win). Padding is ``-inf``
+and never the chosen maximum: an input takes over from it even when the input is ``-inf`` too.
 
 Average pooling, forward: ``Y = sum over (i, j) of window(i, j) / divisor``; backward: every
 input of the window receives ``G / divisor``. The divisor is ``kh*kw`` (``count_include_pad=True``,
@@ -86,14 +86,22 @@ def max_pool2d(x, kernel, stride, padding):
     xp = array_namespace(x)
     _, _, oh, ow = pool_output_shape(x.shape, kernel, stride, padding)
     xpad = _pad(x, padding, -math.inf)
-    y = index = None
+    real = None  # with padding: which window positions are inputs (PyTorch never picks padding)
+    if padding != (0, 0):
+        ones = xp.ones((1, 1, x.shape[2], x.shape[3]), dtype=xp.bool, device=device(x))
+        real = _pad(ones, padding, False)
+    y = index = y_real = None
     for k, (i, j) in enumerate(_offsets(kernel)):
         s = _window(xpad, i, j, (oh, ow), stride)
         if y is None:
             y = s
             index = xp.zeros(s.shape, dtype=xp.int32, device=device(x))
+            y_real = None if real is None else _window(real, i, j, (oh, ow), stride)
             continue
         better = (s > y) | xp.isnan(s)  # strictly greater: an earlier equal maximum stays
+        if real is not None:  # an input takes over from padding even at -inf
+            better = better | (_window(real, i, j, (oh, ow), stride) & ~y_real)
+            y_real = y_real | better
         y = xp.where(better, s, y)
         index = xp.where(better, k, index)
     return y, index
