@@ -141,6 +141,14 @@ def test_a_zoo_model_object_trains_with_its_recipe_too(small):
     assert models.recipe_of(r.model) is models.recipe("lenet5")
     other = nn.Sequential(nn.Flatten(), nn.Linear(784, 10))
     assert models.recipe_of(other) is None
+    simple = models.recipe("simplecnn")  # what "the defaults" means for any other model
+    assert (simple.epochs, simple.lr, simple.momentum) == (
+        T.DEFAULT_EPOCHS,
+        T.DEFAULTS["sgd"]["lr"],
+        T.DEFAULTS["sgd"]["momentum"],
+    )
+    assert (simple.batch_size, simple.optimizer, simple.weight_decay) == (128, "sgd", 0.0)
+    assert (simple.schedule, simple.augment) == ("cosine", "none")
     r = T.train(other, dataset=small, epochs=1, progress=False)
     assert r.optimizer.hyper["lr"] == T.DEFAULTS["sgd"]["lr"]
 

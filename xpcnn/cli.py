@@ -257,15 +257,8 @@ def _cmd_train(args):
         with contextlib.nullcontext() if world is None else world.agreement():
             data = load(args.dataset)
             name = args.model or "simplecnn"
-            if models.is_config_path(name):
-                model = models.load_config(name, seed=args.seed, dtype=args.dtype)
-                recipe = models.recipe_of(model) or models.recipe("simplecnn")
-            else:
-                model = models.create(name, data.num_classes, seed=args.seed, dtype=args.dtype)
-                recipe = models.recipe(name)
-        if not args.resume:
-            settings = recipe.fill(settings)
-        args.dataset = data
+            model = models.build_named(name, data.num_classes, seed=args.seed, dtype=args.dtype)
+        args.dataset = data  # train() fills what is unset from the model's recipe
     result = T.train(
         model,
         device=args.device,

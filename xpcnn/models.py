@@ -37,6 +37,7 @@ __all__ = [
     "ZOO",
     "create",
     "from_state_dict",
+    "build_named",
     "load_config",
     "names",
     "recipe",
@@ -271,6 +272,15 @@ def load_config(path, *, seed=0, dtype="float32", device="cpu") -> nn.Module:
     model = nn.build(config, dtype=dtype, device=device)
     model.reset_parameters(seed)
     return model
+
+
+def build_named(name, num_classes=10, *, seed=0, dtype="float32") -> nn.Module:
+    """The model a name stands for on the command line and in `xpcnn.train`: a zoo model
+    (`create`) or, for a JSON config path (`is_config_path`), that config (`load_config`).
+    Its recipe is `recipe_of` the result."""
+    if is_config_path(name):
+        return load_config(name, seed=seed, dtype=dtype)
+    return create(name, num_classes, seed=seed, dtype=dtype)
 
 
 def is_config_path(name) -> bool:

@@ -585,14 +585,13 @@ def train(
     world = _dist.setup(distributed)  # None outside an MPI job: nothing below changes
     # in an MPI job, a rank that cannot start stops every rank, with one message
     with contextlib.nullcontext() if world is None else world.agreement():
-        recipe = None
-        if isinstance(model, str | os.PathLike):  # a zoo name or a JSON config: its recipe
-            dataset = _dataset(dataset)
-            model, recipe = _zoo_model(model, dataset.num_classes, seed)
-        elif model is not None:  # a zoo model object: its recipe too
-            from . import models
+        from . import models
 
-            recipe = models.recipe_of(model)
+        if isinstance(model, str | os.PathLike):  # a zoo name or a JSON config
+            dataset = _dataset(dataset)
+            model = models.build_named(model, dataset.num_classes, seed=seed)
+        # a zoo model's recipe; any other model gets the defaults (SimpleCNN's recipe)
+        recipe = None if model is None else models.recipe_of(model)
         if recipe is not None and not resume:  # a resumed run keeps the checkpoint's settings
             epochs, batch_size, optimizer, lr, momentum, weight_decay, schedule, augment = (
                 recipe.fill(
@@ -610,16 +609,6 @@ def train(
         if world is not None:
             world.prepare(run)
     return _loop(run) if world is None else world.run(_loop, run)
-
-
-def _zoo_model(name, num_classes, seed):
-    """The model and its `xpcnn.models.Recipe` for a zoo name or a JSON config path."""
-    from . import models
-
-    if models.is_config_path(name):  # a config of a zoo class gets that class's recipe
-        model = models.load_config(name, seed=seed)
-        return model, models.recipe_of(model) or models.recipe("simplecnn")
-    return models.create(name, num_classes, seed=seed), models.recipe(name)
 
 
 def _prepare(
