@@ -66,3 +66,18 @@ def write_json(path, report):
     if path:
         with open(path, "w") as f:
             json.dump(report, f, indent=1)
+
+
+class Log:
+    """Print a line and keep it: ``log = Log(); log("..."); log.save("x.log")``."""
+
+    def __init__(self):
+        self.lines = []
+
+    def __call__(self, line):
+        print(line, flush=True)
+        self.lines.append(line)
+
+    def save(self, path):
+        with open(path, "w") as f:
+            f.write("\n".join(self.lines) + "\n")

@@ -41,7 +41,7 @@ import numpy as np  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]  # this checkout's xpcnn, also for the subprocesses
-from common import machine, median, spread  # noqa: E402
+from common import Log, machine, median, spread  # noqa: E402
 
 RESULTS = HERE / "results" / "distributed-2cores.json"
 FIGURE = ROOT / "docs" / "img" / "distributed-scaling.png"
@@ -340,12 +340,7 @@ def main():
             args.dataset = "fashion-mnist"
         except xpcnn.datasets.DatasetError:
             args.dataset = "mnist-5k"
-    lines = []
-
-    def log(line):
-        print(line, flush=True)
-        lines.append(line)
-
+    log = Log()
     log(f"machine: {machine()}  threads per process: 1  dataset: {args.dataset}")
     log(f"command: python benchmarks/distributed.py {' '.join(sys.argv[1:])}")
     steps = step_times(max(args.repeats // 10, 10), log)
@@ -367,7 +362,7 @@ def main():
     }
     path = pathlib.Path(args.json)
     path.write_text(json.dumps(report, indent=1))
-    path.with_suffix(".log").write_text("\n".join(lines) + "\n")
+    log.save(path.with_suffix(".log"))
     print(f"wrote {path} and {path.with_suffix('.log')}")
     plot(report)
     return 0

@@ -40,7 +40,7 @@ import time  # noqa: E402
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
-from common import machine, median, spread  # noqa: E402
+from common import Log, machine, median, spread  # noqa: E402
 
 RESULTS = HERE / "results" / "ranks_epoch-2cores"
 GLOBAL_BATCH = 128
@@ -162,12 +162,7 @@ def main():
     if args.epochs < 2:
         p.error("--epochs must be at least 2 (the first is a warm-up)")
     names = args.contenders.split(",")
-    lines = []
-
-    def log(text):
-        print(text, flush=True)
-        lines.append(text)
-
+    log = Log()
     log(f"$ python benchmarks/ranks_epoch.py {' '.join(sys.argv[1:])}")
     log(f"machine: {machine()}  started {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     runs = {name: [] for name in names}
@@ -197,7 +192,7 @@ def main():
         log(f"{name:<24}{median(ips):>9.0f}{f'{lo:.0f}-{hi:.0f}':>16}{cells}")
     out = pathlib.Path(args.out)
     out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".log").write_text("\n".join(lines) + "\n")
+    log.save(out.with_suffix(".log"))
     return 0
 
 
