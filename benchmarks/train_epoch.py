@@ -5,9 +5,11 @@
 
 Same initial weights, same batch order (one host permutation per epoch, shared), batch 128,
 SGD with momentum 0.9 and a constant learning rate, Fashion-MNIST's 60000 training images
-(``--dataset``). A contender is ``DEVICE/METHOD[+compile]``: an xpcnn backend, the
-convolutions' input-gradient method, and whether the step is compiled (`xpcnn.step.TrainStep`:
-jax.jit on ``jax:*``). Each round runs one epoch of every contender back to back, so a slow
+(``--dataset``). A contender is ``DEVICE/METHOD[+compile][+workers[N]]``: an xpcnn backend,
+the convolutions' input-gradient method, whether the step is compiled (`xpcnn.step.TrainStep`:
+jax.jit on ``jax:*``), and whether N worker threads (default: ``--threads``) share each batch
+(`xpcnn.workers`, what ``xpcnn train`` does by default on NumPy); without ``+workers`` the
+step runs in one thread, BLAS using ``--threads``. Each round runs one epoch of every contender back to back, so a slow
 spell of this shared machine hits all of them; the report gives each xpcnn/PyTorch ratio per
 round and their median. xpcnn runs `xpcnn.trainer.train_epoch` over a `TrainStep`, the code
 `xpcnn.train` runs; PyTorch runs the textbook loop (zero_grad, forward, loss, backward, step).
@@ -33,7 +35,8 @@ from xpcnn.interop import to_torch  # noqa: E402
 from xpcnn.step import TrainStep  # noqa: E402
 
 DEFAULT = (
-    "cpu/dilation,cpu/dilation-zeros,cpu/col2im,jax:cpu/dilation+compile,jax:cpu/col2im+compile"
+    "cpu/dilation,cpu/dilation-zeros,cpu/col2im,cpu/dilation+workers,cpu/col2im+workers,"
+    "jax:cpu/dilation+compile,jax:cpu/col2im+compile"
 )
 
 
@@ -57,12 +60,14 @@ class XpcnnContender:
 
     def __init__(self, spec, data, lr, momentum, batch_size, seed):
         device, _, rest = spec.partition("/")
-        method, _, flag = rest.partition("+")
+        method, *flags = rest.split("+")
+        workers = [f for f in flags if f.startswith("workers")]
+        count = (int(workers[0][7:]) if workers[0][7:] else THREADS) if workers else 1
         self.backend = xpcnn.get_backend(device)
         self.model = xpcnn.SimpleCNN(seed=seed, input_grad=method or "dilation", device=device)
         opt = xpcnn.optim.SGD(self.model.parameters(), lr=lr, momentum=momentum)
-        self.step = TrainStep(self.model, opt, compile=flag == "compile")
-        if flag == "compile" and not self.step.compiled:
+        self.step = TrainStep(self.model, opt, compile="compile" in flags, workers=count)
+        if "compile" in flags and not self.step.compiled:
             raise SystemExit(f"{spec}: backend {device} has no compiler")
         self.data = trainer.DeviceData(self.backend, data.train_images, data.train_labels)
         self.lr, self.batch_size = lr, batch_size

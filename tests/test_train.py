@@ -35,6 +35,12 @@ def _run(small, **kw):
     return T.train(**kw)
 
 
+def _one_worker(small, **kw):
+    """`_run` with one worker thread: the tests that count loss calls count one per step
+    (worker threads are tested in test_workers.py)."""
+    return _run(small, workers=1, **kw)
+
+
 def test_same_seed_same_weights_bit_for_bit(small):
     a, b = _weights(_run(small, seed=5, epochs=1)), _weights(_run(small, seed=5, epochs=1))
     for k in a:
@@ -88,7 +94,7 @@ def test_resume_after_an_epoch_matches_uninterrupted(small, tmp_path):
 
 
 def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch):
-    full = _weights(_run(small, epochs=2))
+    full = _weights(_one_worker(small, epochs=2))
     calls = {"n": 0}
     real = S.cross_entropy
 
@@ -101,12 +107,12 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch
     monkeypatch.setattr(S, "cross_entropy", interrupting_cross_entropy)
     path = tmp_path / "run.ckpt"
     with pytest.raises(T.TrainingInterrupted, match="interrupted at epoch 2, step 3") as info:
-        _run(small, checkpoint=path)
+        _one_worker(small, checkpoint=path)
     assert info.value.checkpoint == path
     _, meta = ckpt.load(path)
     assert (meta["epoch"], meta["step"]) == (1, 3)
     monkeypatch.setattr(S, "cross_entropy", real)
-    r = _run(small, checkpoint=path, resume=True)
+    r = _one_worker(small, checkpoint=path, resume=True)
     for k, v in _weights(r).items():
         np.testing.assert_array_equal(v, full[k])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -114,7 +120,7 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch
 
 def test_non_finite_loss_stops_with_epoch_and_step(small, tmp_path, monkeypatch):
     path = tmp_path / "run.ckpt"
-    _run(small, epochs=1, checkpoint=path)
+    _one_worker(small, epochs=1, checkpoint=path)
     saved = path.read_bytes()
     calls = {"n": 0}
     real = S.cross_entropy
@@ -130,7 +136,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(small, tmp_path, monkeypatch)
         match=r"non-finite at epoch 2, step 4 of 10.*"
         r"last good checkpoint is .*run.ckpt \(epoch 1\)",
     ):
-        _run(small, checkpoint=path, resume=True)
+        _one_worker(small, checkpoint=path, resume=True)
     assert path.read_bytes() == saved
 
 

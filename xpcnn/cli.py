@@ -69,6 +69,23 @@ def _non_negative_float(text):
     return value
 
 
+def _workers(text):
+    if text == "auto":
+        return text
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected 'auto' or a positive integer, got {text!r}"
+        ) from None
+
+
+_WORKERS_HELP = (
+    "threads sharing each batch, each with a replica of the model (CPU backends; default "
+    "auto: one per BLAS thread on NumPy, none elsewhere"
+)
+
+
 def build_parser():
     """The argparse parser of every subcommand (its errors raise instead of exiting)."""
     parser = _Parser(prog="xpcnn", description="CNNs with hand-written gradients on the Array API.")
@@ -146,6 +163,12 @@ def build_parser():
         default=None,
         help="compile the training step (default: wherever the backend can: jax, torch:cuda)",
     )
+    t.add_argument(
+        "--workers",
+        type=_workers,
+        default="auto",
+        help=_WORKERS_HELP + ", in MPI jobs or for models with batch norm)",
+    )
     t.add_argument("--checkpoint", default=None, help="save a checkpoint here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")
     t.add_argument(
@@ -177,6 +200,7 @@ def build_parser():
     e.add_argument("--dataset", default="mnist-5k")
     e.add_argument("--device", default="cpu")
     e.add_argument("--batch-size", type=_positive_int, default=1000)
+    e.add_argument("--workers", type=_workers, default="auto", help=_WORKERS_HELP + ")")
 
     sub.add_parser("backends", help="every backend, whether it works here, and why not")
 
@@ -269,6 +293,7 @@ def _cmd_train(args):
         progress=args.progress,
         input_grad=args.input_grad,
         compile=args.compile,
+        workers=args.workers,
         **settings,
     )
     from .distributed import is_main_process
@@ -300,7 +325,7 @@ def _cmd_evaluate(args):
     from .trainer import evaluate, load_checkpoint
 
     model, meta = load_checkpoint(args.checkpoint, device=args.device)
-    r = evaluate(model, args.dataset, batch_size=args.batch_size)
+    r = evaluate(model, args.dataset, batch_size=args.batch_size, workers=args.workers)
     if not (math.isfinite(r.loss) and math.isfinite(r.accuracy)):
         raise _Failed(f"{args.checkpoint}: the loss on {args.dataset} is {r.loss} (not finite)")
     print(

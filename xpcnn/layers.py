@@ -199,6 +199,7 @@ class _BatchNorm(Module):
 
     _ndims: tuple[int, ...] = ()
     _layout = ""
+    batch_dependent_train = True  # training normalises with the batch's statistics
 
     @property
     def batch_dependent_eval(self) -> bool:

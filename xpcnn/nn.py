@@ -131,6 +131,9 @@ class Module:
     #: True when, in eval mode, one sample's output depends on the rest of the batch (batch norm
     #: without running statistics): `Sequential` then never evaluates the batch in chunks.
     batch_dependent_eval = False
+    #: True when, in training mode, one sample's output depends on the rest of the batch (batch
+    #: norm): worker threads or ranks that split a batch then change the math (`xpcnn.workers`).
+    batch_dependent_train = False
 
     def __init_subclass__(cls, **kwargs):
         """Register the class for `build` and record its constructor arguments as its config."""

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 
 from . import random
 from .functional import correct_count, cross_entropy
+from .workers import Workers, check_count
 
 __all__ = ["TrainStep", "predict_function", "scratch_off"]
 
@@ -78,12 +79,21 @@ class TrainStep:
     ``optimizer`` must hold the model's parameters, in the model's order. With ``compile=True``
     the backend's compiler is used (`Backend.compile`; the identity where there is none):
     `compiled` says whether one was. ``generator`` (an `xpcnn.random.Generator` on the model's
-    backend; default: the backend's `xpcnn.random.default`) feeds dropout. Raises ValueError if
-    the optimizer's parameters are not the model's, or the generator is another backend's.
+    backend; default: the backend's `xpcnn.random.default`) feeds dropout. ``workers`` > 1
+    splits each batch between that many threads, each with a replica of the model
+    (`xpcnn.workers`, CPU backends). Raises ValueError if the optimizer's parameters are not
+    the model's, the generator is another backend's, or the backend cannot run workers.
     """
 
     def __init__(
-        self, model, optimizer, loss: Callable | None = None, *, compile=False, generator=None
+        self,
+        model,
+        optimizer,
+        loss: Callable | None = None,
+        *,
+        compile=False,
+        generator=None,
+        workers: int = 1,
     ):
         self.model, self.optimizer = model, optimizer
         self.loss = cross_entropy if loss is None else loss
@@ -100,6 +110,7 @@ class TrainStep:
             a is not b for a, b in zip(optimizer.params, self.params, strict=False)
         ):
             raise ValueError("TrainStep: the optimizer must hold the model's parameters, in order")
+        self.workers = Workers(model, workers) if workers != 1 else None
         self.compiled = False
         self._run = self.function
         if compile:
@@ -120,14 +131,23 @@ class TrainStep:
     # --- the pure halves ------------------------------------------------------------------------
     def gradients(self, params, buffers, x, labels):
         """Forward and backward with ``params`` and ``buffers`` in the model: returns
-        ``(grads, new buffers, loss, correct)``."""
-        model = self.model
-        with _Bound(self.params, params), _Bound(self.buffers, buffers):
+        ``(grads, new buffers, loss, correct)``. With workers, each computes a slice of the
+        batch and `xpcnn.workers.Workers.gradients` combines them."""
+        if self.workers is not None:
+            return self.workers.gradients(self._gradients_of, params, buffers, x, labels)
+        slots = (self.params, self.buffers)
+        return self._gradients_of(self.model, slots, params, buffers, x, labels)
+
+    def _gradients_of(self, model, slots, params, buffers, x, labels):
+        """`gradients` on ``model`` (the model or a worker's replica of it, whose parameter
+        and buffer objects are ``slots``)."""
+        param_slots, buffer_slots = slots
+        with _Bound(param_slots, params), _Bound(buffer_slots, buffers):
             logits = model.forward(x)
             loss, g = self.loss(logits, labels)
             model.backward(g, need_input_grad=False)
-            grads = [p.grad for p in self.params]
-            new_buffers = [b.data for b in self.buffers]
+            grads = [p.grad for p in param_slots]
+            new_buffers = [b.data for b in buffer_slots]
         return grads, new_buffers, loss, correct_count(logits, labels)
 
     def update(self, params, opt_state, grads, lr):
@@ -175,10 +195,24 @@ class TrainStep:
         return loss, correct
 
 
-def predict_function(model, *, compile=False) -> Callable:
+def predict_function(model, *, compile=False, workers: int | str = 1) -> Callable:
     """``x -> logits`` of ``model`` in eval mode as a function of the current weights, compiled
-    by the backend when ``compile`` is true (inference benchmarks; `xpcnn.train` evaluates
-    eagerly)."""
+    by the backend when ``compile`` is true, or shared by ``workers`` threads
+    (`xpcnn.workers`; ``"auto"``: the backend's default, one per BLAS thread on NumPy)."""
+    check_count(workers)
+    count = model.backend.default_workers() if workers == "auto" else workers
+    if count > 1:
+        if compile:
+            raise ValueError("predict_function: compile and workers > 1 do not combine")
+        pool = Workers(model, count)
+
+        def shared(x):
+            if model.training:
+                model.eval()
+            return pool.forward(x)
+
+        shared.workers = pool
+        return shared
     slots = [*model.parameters(), *model.buffers()]
 
     def logits(arrays, x):

@@ -38,6 +38,9 @@ from .conv import INPUT_GRAD_METHODS
 from .functional import correct_count, cross_entropy
 from .optim import make_optimizer
 from .step import TrainStep, predict_function
+from .workers import Workers
+from .workers import auto_count as auto_workers
+from .workers import check_count as check_workers
 
 __all__ = [
     "DeviceData",
@@ -213,22 +216,31 @@ def _evaluate_on(model, data, batch_size, sync, extra=(), forward=None, reduce=N
     return EvalResult(loss_total / count, correct_total / count, count), rest
 
 
-def evaluate(model, dataset="mnist-5k", device=None, batch_size=1000) -> EvalResult:
+def evaluate(model, dataset="mnist-5k", device=None, batch_size=1000, workers="auto") -> EvalResult:
     """Loss and accuracy of ``model`` on the test split of ``dataset`` (name, path or Dataset).
 
-    Runs on ``device`` if given (the model is moved there), else on the model's own backend.
-    Returns an `EvalResult`. Raises ValueError for a model without an output per class or a
-    bad ``batch_size``, `xpcnn.datasets.DatasetError` for a missing or corrupt dataset and
+    Runs on ``device`` if given (the model is moved there), else on the model's own backend;
+    ``workers`` threads share each batch (`xpcnn.workers`; ``"auto"``: the backend's default,
+    one per BLAS thread on NumPy). Returns an `EvalResult`. Raises ValueError for a model
+    without an output per class or a bad ``batch_size`` or ``workers``,
+    `xpcnn.datasets.DatasetError` for a missing or corrupt dataset and
     `xpcnn.backends.BackendUnavailable` for an unusable device.
     """
     _check_module(model)
     _positive_int("batch_size", batch_size)
+    check_workers(workers)
     if device is not None:
         model.to(device)
     data = _dataset(dataset)
     _check_outputs(model, data)
     test = DeviceData(model.backend, data.test_images, data.test_labels)
-    return _evaluate_on(model, test, batch_size, HostSync())[0]
+    count = model.backend.default_workers() if workers == "auto" else workers
+    pool = Workers(model, count) if count > 1 else None
+    try:
+        return _evaluate_on(model, test, batch_size, HostSync(), forward=pool and pool.forward)[0]
+    finally:
+        if pool is not None:
+            pool.close()
 
 
 class _InterruptFlag:
@@ -357,6 +369,7 @@ class _Run:
             "device": self.backend.name,
             "seed": self.seed,
             "world_size": 1 if self.world is None else self.world.size,
+            "workers": 1 if self.step.workers is None else self.step.workers.count,
             "augment": self.augment.spec,
         }
 
@@ -490,8 +503,10 @@ def _resume_checks(run, meta, path, explicit_batch):
         ("compiled", "compiled step"),
         ("device", "device"),
         ("augment", "augmentation"),
+        ("workers", "number of worker threads"),
     ):
-        if saved.get(key, current[key] if key == "augment" else None) != current[key]:
+        old = current[key] if key == "augment" else 1 if key == "workers" else None
+        if saved.get(key, old) != current[key]:
             notes.append(
                 f"{what} {saved.get(key)} -> {current[key]}: the same math, rounded "
                 "differently, so not bit-identical to the original run"
@@ -540,6 +555,7 @@ def train(
     hooks=(),
     augment=None,
     distributed=None,
+    workers="auto",
 ) -> TrainResult:
     """Train ``model`` (default: a fresh ``SimpleCNN(seed=seed)``) and return a `TrainResult`.
 
@@ -576,6 +592,11 @@ def train(
     started by mpiexec/srun with more than one rank, False never, True (or a transport name,
     or an mpi4py communicator) always; ``batch_size`` is then the global batch, rank 0 prints
     and writes checkpoints, and every rank returns the same weights.
+    ``workers`` threads share each batch, each with a replica of the model (`xpcnn.workers`):
+    ``"auto"`` (default) uses one per BLAS thread on NumPy (one per core unless
+    ``OMP_NUM_THREADS`` or the like says otherwise) and none on other backends, in an MPI job
+    or for a model with batch norm (whose math they would change); an int asks for that many
+    (CPU backends). The sum is the one-worker sum in another order: equal to rounding.
     Raises `TrainingDiverged` when the loss, the weights or the optimizer state become
     non-finite (naming the last good checkpoint, if any), `TrainingInterrupted` after saving a
     checkpoint on Ctrl-C, ValueError/TypeError for bad arguments naming the argument,
@@ -604,7 +625,7 @@ def train(
             model, device if world is None else world.device_for(device), dataset, epochs,
             batch_size, optimizer, lr, momentum, weight_decay, seed, checkpoint, resume,
             progress, input_grad, eval_batch_size, schedule, compile, hooks, augment,
-            world=world,
+            world=world, workers=workers,
         )  # fmt: skip
         if world is not None:
             world.prepare(run)
@@ -616,6 +637,7 @@ def _prepare(
     checkpoint, resume, progress, input_grad, eval_batch_size, schedule, compile, hooks,
     augment=None,
     world=None,
+    workers="auto",
 ):  # fmt: skip
     """Validate every argument and build the run (model, optimizer, step, data, resume state)."""
     explicit_epochs = epochs is not None
@@ -623,6 +645,12 @@ def _prepare(
     explicit_batch = batch_size is not None
     batch_size = 128 if batch_size is None else _positive_int("batch_size", batch_size)
     _positive_int("eval_batch_size", eval_batch_size)
+    check_workers(workers)
+    if world is not None and workers not in ("auto", 1):
+        raise ValueError(
+            f"workers={workers} in an MPI job: give each rank its cores (mpiexec -n N) or use "
+            "worker threads in one process, not both"
+        )
     if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
     augmentation = None if augment is None else aug.parse(augment)
@@ -733,11 +761,23 @@ def _prepare(
                     f"{checkpoint}: metadata field 'device_rng' is malformed ({exc})"
                 ) from None
     can_compile = backend.compiles
+    worker_notes = []
+    if workers != "auto" and workers > 1 and any(m.batch_dependent_train for m in model.modules()):
+        worker_notes.append(
+            f"{workers} workers: batch norm normalises each worker's slice of the batch, "
+            "not the whole batch (as with MPI ranks)"
+        )
+    if workers == "auto":
+        workers = 1 if world is not None else auto_workers(model, batch_size)
+        if meta is not None and world is None:  # a resume keeps the saved run's workers
+            saved = (meta.get("run") or {}).get("workers", 1)
+            workers = saved if isinstance(saved, int) and 1 <= saved <= 256 else workers
     step = TrainStep(
         model,
         opt,
         compile=can_compile if compile is None else bool(compile),
         generator=generator,
+        workers=workers,
     )
     run = _Run(
         model=model,
@@ -770,6 +810,9 @@ def _prepare(
     )
     # the per-epoch evaluation is compiled too where the step is (eager JAX ops are slow)
     run.predict = predict_function(model, compile=True) if step.compiled else None
+    if step.workers is not None and not step.compiled:  # and the workers share it
+        run.predict = step.workers.forward
+    run.notes += worker_notes
     if compile and not step.compiled:
         run.notes.append(f"backend {backend.name} has no compiler; the step runs eagerly")
     if meta is not None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, blas_single_threaded, blas_threads
 
 __all__ = [
     "Backend",
@@ -29,6 +29,8 @@ __all__ = [
     "BackendUnavailable",
     "available_backends",
     "backend_of",
+    "blas_single_threaded",
+    "blas_threads",
     "get_backend",
     "register_backend",
     "to_numpy",

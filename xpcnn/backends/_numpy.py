@@ -1,12 +1,21 @@
 """NumPy on the host: the ``"cpu"`` backend."""
 
-from .base import Backend
+from .base import Backend, blas_single_threaded, blas_threads
 
 
 class NumpyBackend(Backend):
-    """NumPy arrays in host memory."""
+    """NumPy arrays in host memory. NumPy computes outside Python's GIL, one core per
+    operation except in BLAS: worker threads (`xpcnn.workers`), one per BLAS thread, share a
+    batch by default."""
 
     family = "cpu"
+    worker_threads = True
+
+    def default_workers(self):
+        return blas_threads()
+
+    def single_threaded(self):
+        return blas_single_threaded()
 
 
 def make(arg):

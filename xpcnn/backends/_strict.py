@@ -7,7 +7,7 @@ upcast).
 
 import numpy as np
 
-from .base import Backend, BackendUnavailable
+from .base import Backend, BackendUnavailable, blas_single_threaded
 
 DEVICES = ("cpu", "device1", "device2", "no_float64")
 
@@ -16,6 +16,10 @@ class StrictBackend(Backend):
     """array-api-strict arrays on one of its (simulated) devices."""
 
     family = "strict"
+    worker_threads = True  # it computes with NumPy (workers only when asked for)
+
+    def single_threaded(self):
+        return blas_single_threaded()
 
     def to_host(self, x):
         return np.asarray(x.to_device(self.xp.Device("CPU_DEVICE")))

@@ -7,6 +7,8 @@ array operation. ``torch.cuda.graph`` can capture cuBLAS, which CuPy's capture c
 
 from __future__ import annotations
 
+import contextlib
+
 from .. import kernels
 from .base import Backend, BackendUnavailable
 
@@ -23,6 +25,21 @@ class TorchBackend(Backend):
     @property
     def compiles(self):
         return self.device.type == "cuda"
+
+    @property
+    def worker_threads(self):  # torch's CPU kernels release the GIL (workers when asked for)
+        return self.device.type == "cpu"
+
+    @contextlib.contextmanager
+    def single_threaded(self):
+        import torch
+
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     def to_host(self, x):
         return x.detach().cpu().numpy()

@@ -85,6 +85,19 @@ class Backend:
         from (a CUDA graph must register it). See `xpcnn.step.TrainStep`."""
         return fn, False
 
+    #: Whether worker threads (`xpcnn.workers`) may split a batch on this backend: its array
+    #: operations must release Python's GIL and be safe to call from several threads at once.
+    worker_threads = False
+
+    def default_workers(self) -> int:
+        """How many worker threads ``workers="auto"`` uses on this backend (1: none)."""
+        return 1
+
+    def single_threaded(self):
+        """Context in which this backend's own thread pools (BLAS, intra-op threads) use one
+        thread, so that N worker threads keep N cores busy, not N times the pool."""
+        return contextlib.nullcontext()
+
     def owns(self, x):
         """True if ``x`` is an array of this backend's namespace on its device."""
         try:
@@ -96,3 +109,28 @@ class Backend:
         # libraries that predate it.
         dev = x.device if hasattr(x, "device") else device(x)
         return dev == self.device
+
+
+# --- NumPy's BLAS pool (NumPy and array-api-strict, which computes with NumPy) ------------------
+
+_blas = []
+
+
+def _blas_controller():
+    if not _blas:
+        from threadpoolctl import ThreadpoolController
+
+        _blas.append(ThreadpoolController().select(user_api="blas"))
+    return _blas[0]
+
+
+def blas_threads() -> int:
+    """Threads of NumPy's BLAS pool (its setting: one per core unless an environment variable
+    such as ``OMP_NUM_THREADS`` or ``OPENBLAS_NUM_THREADS`` says otherwise); 1 if unknown."""
+    info = _blas_controller().info()
+    return max([1, *(int(lib.get("num_threads") or 1) for lib in info)])
+
+
+def blas_single_threaded():
+    """Context in which NumPy's BLAS uses one thread (threadpoolctl)."""
+    return _blas_controller().limit(limits=1)

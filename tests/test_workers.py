@@ -1,0 +1,212 @@
+"""Worker threads sharing a batch (xpcnn.workers): the one-thread math, on every CPU namespace."""
+
+import signal
+
+import numpy as np
+import pytest
+
+import xpcnn
+from xpcnn import nn
+from xpcnn import trainer as T
+from xpcnn.backends import blas_threads, get_backend
+from xpcnn.step import TrainStep
+from xpcnn.workers import Workers, auto_count
+
+from conftest import assert_close
+
+
+def _net(backend, dtype, dropout=0.0, batch_norm=False):
+    """conv -> (batch norm) -> ReLU -> max pool -> flatten -> dropout -> linear: every kind of
+    cache and a random draw."""
+    layers = [nn.Conv2d(1, 4, 3, padding=1, dtype=dtype)]
+    if batch_norm:
+        layers.append(nn.BatchNorm2d(4, dtype=dtype))
+    layers += [
+        nn.ReLU(dtype=dtype),
+        nn.MaxPool2d(2, dtype=dtype),
+        nn.Flatten(dtype=dtype),
+        nn.Dropout(dropout, dtype=dtype),
+        nn.Linear(4 * 14 * 14, 10, dtype=dtype),
+    ]
+    model = nn.Sequential(*layers, dtype=dtype)
+    model.reset_parameters(3)
+    return model.to(backend)
+
+
+def _batch(backend, dtype, n, seed=0):
+    rng = np.random.default_rng(seed)
+    x = backend.asarray(rng.standard_normal((n, 1, 28, 28)), dtype)
+    y = backend.asarray(rng.integers(0, 10, n), "int64")
+    return x, y
+
+
+def _steps(backend, dtype, workers, dropout=0.0, steps=3):
+    model = _net(backend, dtype, dropout)
+    opt = xpcnn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = TrainStep(model, opt, generator=xpcnn.random.generator(backend, 7), workers=workers)
+    out = []
+    for k in range(steps):
+        x, y = _batch(backend, dtype, 50, seed=k)  # 50: uneven slices for 3 workers
+        loss, correct = step(x, y, 0.1 * (1 - k / steps))
+        out.append((loss, correct))
+    return model, out
+
+
+def _skip_unless_workers(backend):
+    if not backend.worker_threads:
+        with pytest.raises(ValueError, match="workers=2.*cannot split a batch between threads"):
+            Workers(_net(backend, "float32"), 2)
+        pytest.skip(f"{backend.name} refuses workers (tested just now)")
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+@pytest.mark.parametrize("dropout", [0.0, 0.5], ids=["plain", "dropout"])
+def test_steps_with_workers_equal_one_thread(backend64, workers, dropout):
+    """Three SGD-momentum steps (lr falling) with 2 or 3 workers, uneven slices, with and
+    without dropout: the one-thread weights, loss and count to float64 rounding, each array of
+    the backend's namespace, device and dtype."""
+    _skip_unless_workers(backend64)
+    one, one_out = _steps(backend64, "float64", 1, dropout)
+    many, many_out = _steps(backend64, "float64", workers, dropout)
+    for (name, a), (_, b) in zip(many.named_parameters(), one.named_parameters(), strict=True):
+        assert_close(a.data, b.data, "float64", name, backend=backend64)
+    for (loss, correct), (loss1, correct1) in zip(many_out, one_out, strict=True):
+        assert_close(loss, loss1, "float64", "loss", backend=backend64)
+        assert float(correct) == float(correct1)
+
+
+def test_float32_steps_with_workers_stay_float32(backend_dtype):
+    backend, dtype = backend_dtype
+    _skip_unless_workers(backend)
+    one, _ = _steps(backend, dtype, 1)
+    many, (last, *_) = _steps(backend, dtype, 2)
+    assert last[0].dtype == backend.dtype(dtype)
+    for (name, a), (_, b) in zip(many.named_parameters(), one.named_parameters(), strict=True):
+        assert_close(a.data, b.data, dtype, name, backend=backend)
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_forward_with_workers_equals_the_model(backend_dtype, workers):
+    """Eval-mode forward of 300 images (chunked inside each worker, uneven slices)."""
+    backend, dtype = backend_dtype
+    _skip_unless_workers(backend)
+    model = _net(backend, dtype).eval()
+    x, _ = _batch(backend, dtype, 300)
+    pool = Workers(model, workers)
+    assert_close(pool.forward(x), model.forward(x), dtype, "logits", backend=backend)
+    pool.close()
+
+
+def test_workers_compute_with_the_current_weights():
+    backend = get_backend("cpu")
+    model = _net(backend, "float64").eval()
+    pool = Workers(model, 2)
+    x, _ = _batch(backend, "float64", 40)
+    before = pool.forward(x)
+    model.load_state_dict({k: v * 2 for k, v in model.state_dict().items()})
+    after = pool.forward(x)
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, model.forward(x), rtol=1e-12, atol=1e-12)
+
+
+def test_batch_norm_is_computed_whole():
+    """A training-mode forward through batch norm depends on the whole batch: the workers
+    leave it to the model (the one-thread result), and auto picks one worker for it."""
+    backend = get_backend("cpu")
+    model = _net(backend, "float64", batch_norm=True)
+    pool = Workers(model, 2)
+    x, _ = _batch(backend, "float64", 40)
+    np.testing.assert_array_equal(pool.forward(x), model.forward(x))
+    assert auto_count(model, 128) == 1
+    assert auto_count(_net(backend, "float64"), 128) == min(blas_threads(), 4)
+    assert auto_count(_net(backend, "float64"), 40) == 1  # at least 32 images per worker
+
+
+def test_explicit_workers_with_batch_norm_say_what_changes(small):
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(2704, 10)
+    )
+    r = T.train(model, dataset=small, epochs=1, progress=False, workers=2)
+    assert r.step.workers.count == 2
+    assert any("batch norm normalises each worker's slice" in n for n in r.notes)
+    r = T.train(model, dataset=small, epochs=1, progress=False)  # auto: one
+    assert r.step.workers is None
+
+
+def test_single_threaded_blas_inside_and_restored_after():
+    backend = get_backend("cpu")
+    before = blas_threads()
+    with backend.single_threaded():
+        assert blas_threads() == 1
+    assert blas_threads() == before
+
+
+def test_train_with_workers_equals_one_thread_and_resumes_exactly(small, tmp_path, monkeypatch):
+    """float64 training with 2 workers: the one-worker weights to rounding; a Ctrl-C mid-epoch
+    and a resume give the uninterrupted 2-worker run bit for bit."""
+    kw = {"dataset": small, "epochs": 2, "batch_size": 64, "progress": False}
+    model = lambda: xpcnn.SimpleCNN(seed=0, dtype="float64")  # noqa: E731
+    two = T.train(model(), workers=2, **kw)
+    one = T.train(model(), workers=1, **kw)
+    assert two.step.workers.count == 2 and one.step.workers is None
+    for k, v in one.model.state_dict().items():
+        np.testing.assert_allclose(two.model.state_dict()[k], v, rtol=1e-10, atol=1e-12)
+    calls = {"n": 0}
+    real = TrainStep.__call__
+
+    def interrupting(self, x, y, lr):
+        calls["n"] += 1
+        if calls["n"] == 5:  # epoch 2, step 2 (3 steps per epoch)
+            signal.raise_signal(signal.SIGINT)
+        return real(self, x, y, lr)
+
+    monkeypatch.setattr(TrainStep, "__call__", interrupting)
+    path = tmp_path / "run.ckpt"
+    with pytest.raises(T.TrainingInterrupted, match="epoch 2, step 2"):
+        T.train(model(), checkpoint=path, workers=2, **kw)
+    monkeypatch.setattr(TrainStep, "__call__", real)
+    resumed = T.train(model(), checkpoint=path, resume=True, workers=2, **kw)
+    for k, v in two.model.state_dict().items():
+        np.testing.assert_array_equal(resumed.model.state_dict()[k], v, err_msg=k)
+    again = T.train(model(), checkpoint=path, resume=True, workers=1, **kw)
+    assert any("number of worker threads 2 -> 1" in n for n in again.notes)
+
+
+def test_auto_follows_the_blas_pool(small, monkeypatch):
+    backend = get_backend("cpu")
+    monkeypatch.setattr(type(backend), "default_workers", lambda self: 3)
+    r = T.train(dataset=small, epochs=1, batch_size=96, progress=False)
+    assert r.step.workers.count == 3
+    monkeypatch.setattr(type(backend), "default_workers", lambda self: 1)
+    assert T.train(dataset=small, epochs=1, progress=False).step.workers is None
+    r = T.train(dataset=small, epochs=1, progress=False, device="strict:cpu")
+    assert r.step.workers is None  # only NumPy takes workers unasked
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "two", True, None])
+def test_bad_workers_are_refused_by_name(small, bad):
+    with pytest.raises(ValueError, match="workers must be a positive integer or 'auto'"):
+        T.train(dataset=small, epochs=1, progress=False, workers=bad)
+    with pytest.raises(ValueError, match="workers must be a positive integer or 'auto'"):
+        T.evaluate(xpcnn.SimpleCNN(), small, workers=bad)
+
+
+def test_evaluate_with_workers_matches_one(small):
+    model = xpcnn.SimpleCNN(seed=1, dtype="float64")
+    one = T.evaluate(model, small, workers=1)
+    two = T.evaluate(model, small, workers=2, batch_size=50)
+    assert two.count == one.count
+    assert two.accuracy == one.accuracy
+    assert abs(two.loss - one.loss) < 1e-12
+
+
+def test_command_line_workers(small, tmp_path, capsys):
+    from xpcnn.cli import main
+
+    assert main(["train", "--epochs", "1", "--no-progress", "--workers", "0"]) == 2
+    assert "--workers" in capsys.readouterr().err
+    ckpt = tmp_path / "w.ckpt"
+    args = ["train", "--epochs", "1", "--no-progress", "--workers", "2", "--checkpoint", str(ckpt)]
+    assert main(args) == 0
+    assert main(["evaluate", str(ckpt), "--workers", "2"]) == 0
+    assert "accuracy" in capsys.readouterr().out
