@@ -4,9 +4,10 @@
     python benchmarks/inference.py --threads 1 --rounds 7
 
 Per-image latency at batch 1 and throughput at batch 1000, both in eval mode (no_grad for
-torch), for xpcnn on NumPy (eager; and with one worker thread per core sharing each batch,
-`xpcnn.workers`, when ``--threads`` is above 1), xpcnn on JAX with the forward compiled by ``jax.jit``
-(`xpcnn.step.predict_function`; ``--no-jax`` leaves it out) and PyTorch. The compiled
+torch), for xpcnn on NumPy (eager; and with one worker thread per core sharing each
+batch, `xpcnn.workers`, when ``--threads`` is above 1), xpcnn on JAX with the forward
+compiled by ``jax.jit`` (`xpcnn.step.predict_function`; ``--no-jax`` leaves it out) and
+PyTorch. The compiled
 contender's first calls (trace and compile, one per batch shape) are timed apart.
 Each round times a block of calls of one library, then a block of the other, so a thread
 pool that went to sleep is woken once per block rather than on every call; the report gives
@@ -49,9 +50,7 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--json", default=None)
     p.add_argument("--no-jax", action="store_true", help="leave out the compiled JAX contender")
-    p.add_argument(
-        "--no-workers", action="store_true", help="leave out xpcnn with worker threads"
-    )
+    p.add_argument("--no-workers", action="store_true", help="leave out xpcnn with worker threads")
     args = p.parse_args()
     torch.set_num_threads(THREADS)
 

@@ -9,12 +9,13 @@ SGD with momentum 0.9 and a constant learning rate, Fashion-MNIST's 60000 traini
 the convolutions' input-gradient method, whether the step is compiled (`xpcnn.step.TrainStep`:
 jax.jit on ``jax:*``), and whether N worker threads (default: ``--threads``) share each batch
 (`xpcnn.workers`, what ``xpcnn train`` does by default on NumPy); without ``+workers`` the
-step runs in one thread, BLAS using ``--threads``. Each round runs one epoch of every contender back to back, so a slow
-spell of this shared machine hits all of them; the report gives each xpcnn/PyTorch ratio per
-round and their median. xpcnn runs `xpcnn.trainer.train_epoch` over a `TrainStep`, the code
-`xpcnn.train` runs; PyTorch runs the textbook loop (zero_grad, forward, loss, backward, step).
-A compiled contender's first call (trace and compile) is timed separately and reported, never
-counted in an epoch; round 0 is a warm-up for everyone.
+step runs in one thread, BLAS using ``--threads``. Each round runs one epoch of every
+contender back to back, so a slow spell of this shared machine hits all of them; the report
+gives each xpcnn/PyTorch ratio per round and their median. xpcnn runs
+`xpcnn.trainer.train_epoch` over a `TrainStep`, the code `xpcnn.train` runs; PyTorch runs
+the textbook loop (zero_grad, forward, loss, backward, step). A compiled contender's first
+call (trace and compile) is timed separately and reported, never counted in an epoch; round 0
+is a warm-up for everyone.
 """
 
 import sys

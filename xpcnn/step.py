@@ -138,14 +138,15 @@ class TrainStep:
         slots = (self.params, self.buffers)
         return self._gradients_of(self.model, slots, params, buffers, x, labels)
 
-    def _gradients_of(self, model, slots, params, buffers, x, labels):
+    def _gradients_of(self, model, slots, params, buffers, x, labels, weight=1.0):
         """`gradients` on ``model`` (the model or a worker's replica of it, whose parameter
-        and buffer objects are ``slots``)."""
+        and buffer objects are ``slots``), the gradients scaled by ``weight`` (a worker's
+        share of the batch: backward is linear in dL/dlogits, so scaling it scales them all)."""
         param_slots, buffer_slots = slots
         with _Bound(param_slots, params), _Bound(buffer_slots, buffers):
             logits = model.forward(x)
             loss, g = self.loss(logits, labels)
-            model.backward(g, need_input_grad=False)
+            model.backward(g if weight == 1.0 else g * weight, need_input_grad=False)
             grads = [p.grad for p in param_slots]
             new_buffers = [b.data for b in buffer_slots]
         return grads, new_buffers, loss, correct_count(logits, labels)

@@ -30,7 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from . import random
 from .distributed import shard
 
-__all__ = ["Workers", "auto_count", "check_count"]
+__all__ = ["MIN_SLICE", "Workers", "auto_count", "check_count"]
+
+#: Fewest samples per worker in `Workers.forward`: a smaller batch is computed by the model alone
+#: (handing a few images to a thread costs more than it saves).
+MIN_SLICE = 16
 
 
 def check_count(workers, argument="workers") -> int | str:
@@ -53,10 +57,10 @@ def auto_count(model, batch_size: int) -> int:
 
 
 def _weighted(weights, parts):
-    """``sum(w * p)`` over the workers' arrays, without a Python 0 to start from."""
-    total = weights[0] * parts[0]
+    """``sum(w * p)`` over the workers' arrays (no multiplication where ``w`` is 1)."""
+    total = parts[0] if weights[0] == 1 else weights[0] * parts[0]
     for w, p in zip(weights[1:], parts[1:], strict=True):
-        total = total + w * p
+        total = total + (p if w == 1 else w * p)
     return total
 
 
@@ -87,6 +91,13 @@ class Workers:
         self.slots = [(r.parameters(), r.buffers()) for r in self.replicas]
         self._pool = None
         self._generators = [None] * count
+        # whether one sample's output depends on the rest of the batch, in training and in eval
+        self._whole = {
+            mode: any(
+                m.batch_dependent_train if mode else m.batch_dependent_eval for m in model.modules()
+            )
+            for mode in (True, False)
+        }
 
     def __repr__(self):
         return f"Workers({type(self.model).__name__}, {self.count})"
@@ -118,15 +129,12 @@ class Workers:
 
     def forward(self, x):
         """The model's output for batch ``x`` (in its current mode, with its current weights),
-        each worker computing a slice of the batch; the model alone computes it whole when
-        one sample's output depends on the others (batch norm in training mode, or without
-        running statistics), so the result is always the one-thread result."""
+        each worker computing a slice of the batch. The model alone computes a batch of fewer
+        than ``2 * MIN_SLICE`` samples, and one where a sample's output depends on the others
+        (batch norm in training mode, or without running statistics): the result is always
+        the one-thread result."""
         model = self.model
-        dependent = [
-            m.batch_dependent_train if model.training else m.batch_dependent_eval
-            for m in model.modules()
-        ]
-        if self.count == 1 or any(dependent):
+        if self.count == 1 or x.shape[0] < 2 * MIN_SLICE or self._whole[model.training]:
             return model.forward(x)
         params = [p.data for p in model.parameters()]
         buffers = [b.data for b in model.buffers()]
@@ -164,7 +172,13 @@ class Workers:
             own = gen if i == 0 else self._generators[i]
             with random.using(random.RowSlice(own, n, lo, hi)):
                 return gradients_of(
-                    self.replicas[i], self.slots[i], params, buffers, x[lo:hi, ...], labels[lo:hi]
+                    self.replicas[i],
+                    self.slots[i],
+                    params,
+                    buffers,
+                    x[lo:hi, ...],
+                    labels[lo:hi],
+                    (hi - lo) / n,  # each worker's gradients come weighted: one add to combine
                 )
 
         results, slices = self._map(job, n)
@@ -172,7 +186,7 @@ class Workers:
             return results[0]
         weights = [(hi - lo) / n for _, lo, hi in slices]
         grads = [
-            None if parts[0] is None else _weighted(weights, parts)
+            None if parts[0] is None else _weighted([1] * len(parts), parts)
             for parts in zip(*(r[0] for r in results), strict=True)
         ]
         xp = self.backend.xp
