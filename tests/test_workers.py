@@ -210,3 +210,12 @@ def test_command_line_workers(small, tmp_path, capsys):
     assert main(args) == 0
     assert main(["evaluate", str(ckpt), "--workers", "2"]) == 0
     assert "accuracy" in capsys.readouterr().out
+
+
+def test_mpi_jobs_take_no_workers(small):
+    """In an MPI job (here a one-rank world) auto means one worker and more are refused."""
+    mpi = pytest.importorskip("mpi4py.MPI")
+    kw = {"dataset": small, "epochs": 1, "progress": False, "distributed": mpi.COMM_SELF}
+    with pytest.raises(ValueError, match="workers=2 in an MPI job"):
+        T.train(workers=2, **kw)
+    assert T.train(**kw).step.workers is None
