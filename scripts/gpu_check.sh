@@ -30,7 +30,7 @@ if [ "${XPCNN_GPU_EXTRAS:-1}" = 1 ]; then
     echo; echo "== CPU benchmarks on two pinned cores (taskset -c 2,3) =="
     ( cd benchmarks && timeout 60 taskset -c 2,3 python3 train_epoch.py --threads 2 --epochs 3 \
         --dataset mnist-5k \
-        --contenders cpu/dilation,cpu/dilation-zeros,cpu/col2im,jax:cpu/dilation+compile,jax:cpu/col2im+compile \
+        --contenders cpu/dilation,cpu/dilation+workers,cpu/col2im,jax:cpu/dilation+compile,jax:cpu/col2im+compile \
         --json "$OUT_DIR/cpu_train_epoch.json" ) 2>&1 | tee "$OUT_DIR/cpu_benchmarks.log"
     ( cd benchmarks && timeout 30 taskset -c 2,3 python3 inference.py --threads 2 --rounds 3 ) \
         2>&1 | tee -a "$OUT_DIR/cpu_benchmarks.log"
