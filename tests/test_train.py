@@ -1,6 +1,7 @@
 """The trainer: determinism, backends agreeing, exact resume, divergence, Ctrl-C, read-backs."""
 
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -35,10 +36,10 @@ def _run(small, **kw):
     return T.train(**kw)
 
 
-def _one_worker(small, **kw):
-    """`_run` with one worker thread: the tests that count loss calls count one per step
-    (worker threads are tested in test_workers.py)."""
-    return _run(small, workers=1, **kw)
+def _on_main_thread():
+    """True in the calling thread of a step: with worker threads, the loss of a step is
+    computed once per worker, and once on the main thread (worker 0)."""
+    return threading.current_thread() is threading.main_thread()
 
 
 def test_same_seed_same_weights_bit_for_bit(small):
@@ -93,13 +94,14 @@ def test_resume_after_an_epoch_matches_uninterrupted(small, tmp_path):
         np.testing.assert_array_equal(v, full[k])
 
 
-def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch):
-    full = _weights(_one_worker(small, epochs=2))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch, workers):
+    full = _weights(_run(small, epochs=2, workers=workers))
     calls = {"n": 0}
     real = S.cross_entropy
 
     def interrupting_cross_entropy(logits, labels):
-        calls["n"] += 1
+        calls["n"] += _on_main_thread()
         if calls["n"] == 13:  # epoch 1: 10 steps; then epoch 2, step 3
             signal.raise_signal(signal.SIGINT)
         return real(logits, labels)
@@ -107,28 +109,30 @@ def test_ctrl_c_mid_epoch_saves_and_resume_is_exact(small, tmp_path, monkeypatch
     monkeypatch.setattr(S, "cross_entropy", interrupting_cross_entropy)
     path = tmp_path / "run.ckpt"
     with pytest.raises(T.TrainingInterrupted, match="interrupted at epoch 2, step 3") as info:
-        _one_worker(small, checkpoint=path)
+        _run(small, checkpoint=path, workers=workers)
     assert info.value.checkpoint == path
     _, meta = ckpt.load(path)
     assert (meta["epoch"], meta["step"]) == (1, 3)
     monkeypatch.setattr(S, "cross_entropy", real)
-    r = _one_worker(small, checkpoint=path, resume=True)
+    r = _run(small, checkpoint=path, resume=True)  # workers: the checkpoint's
     for k, v in _weights(r).items():
         np.testing.assert_array_equal(v, full[k])
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-def test_non_finite_loss_stops_with_epoch_and_step(small, tmp_path, monkeypatch):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_non_finite_loss_stops_with_epoch_and_step(small, tmp_path, monkeypatch, workers):
     path = tmp_path / "run.ckpt"
-    _one_worker(small, epochs=1, checkpoint=path)
+    _run(small, epochs=1, checkpoint=path, workers=workers)
     saved = path.read_bytes()
     calls = {"n": 0}
     real = S.cross_entropy
 
     def poisoned(logits, labels):
-        calls["n"] += 1
+        calls["n"] += _on_main_thread()
         loss, grad = real(logits, labels)
-        return (loss * float("nan"), grad) if calls["n"] == 4 else (loss, grad)
+        poison = calls["n"] == 4 and _on_main_thread()
+        return (loss * float("nan"), grad) if poison else (loss, grad)
 
     monkeypatch.setattr(S, "cross_entropy", poisoned)
     with pytest.raises(
@@ -136,7 +140,7 @@ def test_non_finite_loss_stops_with_epoch_and_step(small, tmp_path, monkeypatch)
         match=r"non-finite at epoch 2, step 4 of 10.*"
         r"last good checkpoint is .*run.ckpt \(epoch 1\)",
     ):
-        _one_worker(small, checkpoint=path, resume=True)
+        _run(small, checkpoint=path, resume=True)
     assert path.read_bytes() == saved
 
 

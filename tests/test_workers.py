@@ -79,7 +79,7 @@ def test_float32_steps_with_workers_stay_float32(backend_dtype):
     backend, dtype = backend_dtype
     _skip_unless_workers(backend)
     one, _ = _steps(backend, dtype, 1)
-    many, (last, *_) = _steps(backend, dtype, 2)
+    many, (*_, last) = _steps(backend, dtype, 2)
     assert last[0].dtype == backend.dtype(dtype)
     for (name, a), (_, b) in zip(many.named_parameters(), one.named_parameters(), strict=True):
         assert_close(a.data, b.data, dtype, name, backend=backend)
@@ -109,17 +109,78 @@ def test_workers_compute_with_the_current_weights():
     np.testing.assert_allclose(after, model.forward(x), rtol=1e-12, atol=1e-12)
 
 
-def test_batch_norm_is_computed_whole():
-    """A training-mode forward through batch norm depends on the whole batch: the workers
-    leave it to the model (the one-thread result), and auto picks one worker for it."""
+def test_training_mode_forward_is_the_models_own():
+    """A training-mode forward (dropout draws, caches for backward) runs on the model whole:
+    the numbers one thread draws, and a backward over the whole batch works after it."""
     backend = get_backend("cpu")
-    model = _net(backend, "float64", batch_norm=True)
+    model = _net(backend, "float64", dropout=0.5)
     pool = Workers(model, 2)
-    x, _ = _batch(backend, "float64", 40)
-    np.testing.assert_array_equal(pool.forward(x), model.forward(x))
-    assert auto_count(model, 128) == 1
-    assert auto_count(_net(backend, "float64"), 128) == min(blas_threads(), 4)
-    assert auto_count(_net(backend, "float64"), 40) == 1  # at least 32 images per worker
+    x, _ = _batch(backend, "float64", 64)
+    with xpcnn.random.using(xpcnn.random.generator(backend, 5)):
+        shared = pool.forward(x)
+    with xpcnn.random.using(xpcnn.random.generator(backend, 5)):
+        alone = model.forward(x)
+    np.testing.assert_array_equal(shared, alone)
+    model.backward(np.ones_like(alone))
+
+
+def test_auto_count(monkeypatch):
+    backend = get_backend("cpu")
+    monkeypatch.setattr(type(backend), "default_workers", lambda self: 4)
+    assert auto_count(_net(backend, "float64", batch_norm=True), 128) == 1  # batch norm
+    assert auto_count(_net(backend, "float64"), 128) == 4
+    assert auto_count(_net(backend, "float64"), 96) == 3  # at least 32 images per worker
+    assert auto_count(_net(backend, "float64"), 40) == 1
+
+
+def test_replicas_follow_the_models_settings():
+    """Settings changed after the workers were made (a dropout rate, ``.to()`` another
+    backend or dtype) reach the replicas before the next call."""
+    backend = get_backend("cpu")
+    model = _net(backend, "float64", dropout=0.5)
+    opt = xpcnn.optim.SGD(model.parameters(), lr=0.1)
+    step = TrainStep(model, opt, generator=xpcnn.random.generator(backend, 1), workers=2)
+    reference = _net(backend, "float64", dropout=0.5)
+    ref_step = TrainStep(
+        reference,
+        xpcnn.optim.SGD(reference.parameters(), lr=0.1),
+        generator=xpcnn.random.generator(backend, 1),
+    )
+    x, y = _batch(backend, "float64", 64)
+    for m in (model, reference):
+        m[4].p = 0.25  # the Dropout layer
+    step(x, y, 0.1)
+    ref_step(x, y, 0.1)
+    pairs = zip(model.named_parameters(), reference.named_parameters(), strict=True)
+    for (name, a), (_, b) in pairs:
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-12, atol=1e-14, err_msg=name)
+    model.eval().to("strict:cpu")
+    strict = get_backend("strict:cpu")
+    xs = strict.asarray(np.asarray(x), "float64")
+    pool = step.workers
+    assert_close(pool.forward(xs), model.forward(xs), "float64", "logits", backend=strict)
+    model.to(dtype="float32")
+    x32 = strict.asarray(np.asarray(x), "float32")
+    assert_close(pool.forward(x32), model.forward(x32), "float32", "logits", backend=strict)
+
+
+def test_an_error_returns_only_after_every_worker_is_done():
+    import threading
+    import time
+
+    backend = get_backend("cpu")
+    pool = Workers(_net(backend, "float64"), 3)
+    finished = []
+
+    def job(i, lo, hi):
+        if threading.current_thread() is threading.main_thread():
+            raise RuntimeError("worker 0 failed")
+        time.sleep(0.2)
+        finished.append(i)
+
+    with pytest.raises(RuntimeError, match="worker 0 failed"):
+        pool._map(job, 30, 3)
+    assert sorted(finished) == [1, 2]
 
 
 def test_explicit_workers_with_batch_norm_say_what_changes(small):
@@ -134,20 +195,36 @@ def test_explicit_workers_with_batch_norm_say_what_changes(small):
 
 
 def test_single_threaded_blas_inside_and_restored_after():
+    from threadpoolctl import ThreadpoolController
+
     backend = get_backend("cpu")
-    before = blas_threads()
-    with backend.single_threaded():
-        assert blas_threads() == 1
-    assert blas_threads() == before
+    with ThreadpoolController().limit(limits=2, user_api="blas"):
+        assert blas_threads() == 2
+        with backend.single_threaded():
+            assert blas_threads() == 1
+        assert blas_threads() == 2
+
+
+def _dropout_cnn():
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 2, stride=2, dtype="float64"),
+        nn.ReLU(dtype="float64"),
+        nn.Flatten(dtype="float64"),
+        nn.Dropout(0.3, dtype="float64"),
+        nn.Linear(8 * 14 * 14, 10, dtype="float64"),
+        dtype="float64",
+    )
+    model.reset_parameters(0)
+    return model
 
 
 def test_train_with_workers_equals_one_thread_and_resumes_exactly(small, tmp_path, monkeypatch):
-    """float64 training with 2 workers: the one-worker weights to rounding; a Ctrl-C mid-epoch
-    and a resume give the uninterrupted 2-worker run bit for bit."""
+    """float64 training of a net with dropout, 2 workers: the one-worker weights to rounding;
+    a Ctrl-C mid-epoch and a resume with workers left at auto (which here would mean one)
+    keep the checkpoint's two and give the uninterrupted 2-worker run bit for bit."""
     kw = {"dataset": small, "epochs": 2, "batch_size": 64, "progress": False}
-    model = lambda: xpcnn.SimpleCNN(seed=0, dtype="float64")  # noqa: E731
-    two = T.train(model(), workers=2, **kw)
-    one = T.train(model(), workers=1, **kw)
+    two = T.train(_dropout_cnn(), workers=2, **kw)
+    one = T.train(_dropout_cnn(), workers=1, **kw)
     assert two.step.workers.count == 2 and one.step.workers is None
     for k, v in one.model.state_dict().items():
         np.testing.assert_allclose(two.model.state_dict()[k], v, rtol=1e-10, atol=1e-12)
@@ -163,13 +240,33 @@ def test_train_with_workers_equals_one_thread_and_resumes_exactly(small, tmp_pat
     monkeypatch.setattr(TrainStep, "__call__", interrupting)
     path = tmp_path / "run.ckpt"
     with pytest.raises(T.TrainingInterrupted, match="epoch 2, step 2"):
-        T.train(model(), checkpoint=path, workers=2, **kw)
+        T.train(_dropout_cnn(), checkpoint=path, workers=2, **kw)
     monkeypatch.setattr(TrainStep, "__call__", real)
-    resumed = T.train(model(), checkpoint=path, resume=True, workers=2, **kw)
+    monkeypatch.setattr(type(get_backend("cpu")), "default_workers", lambda self: 1)
+    resumed = T.train(_dropout_cnn(), checkpoint=path, resume=True, **kw)
+    assert resumed.step.workers.count == 2
     for k, v in two.model.state_dict().items():
         np.testing.assert_array_equal(resumed.model.state_dict()[k], v, err_msg=k)
-    again = T.train(model(), checkpoint=path, resume=True, workers=1, **kw)
+    again = T.train(_dropout_cnn(), checkpoint=path, resume=True, workers=1, **kw)
     assert any("number of worker threads 2 -> 1" in n for n in again.notes)
+
+
+def test_resume_elsewhere_or_from_an_older_checkpoint(small, tmp_path):
+    """auto on another backend means that backend's default (JAX refuses workers, strict
+    takes none unasked); a checkpoint from before workers were recorded counts as one."""
+    from xpcnn import checkpoint as ckpt
+
+    kw = {"dataset": small, "batch_size": 64, "progress": False}
+    path = tmp_path / "run.ckpt"
+    T.train(_dropout_cnn(), epochs=1, checkpoint=path, workers=2, **kw)
+    for device in ("strict:cpu", "jax:cpu"):
+        r = T.train(_dropout_cnn(), epochs=2, checkpoint=path, resume=True, device=device, **kw)
+        assert r.step.workers is None
+    arrays, meta = ckpt.load(path)
+    del meta["run"]["workers"]
+    ckpt.save(path, arrays, meta)
+    r = T.train(_dropout_cnn(), epochs=2, checkpoint=path, resume=True, workers=2, **kw)
+    assert any("number of worker threads 1 -> 2" in n for n in r.notes)
 
 
 def test_auto_follows_the_blas_pool(small, monkeypatch):
@@ -205,9 +302,12 @@ def test_command_line_workers(small, tmp_path, capsys):
 
     assert main(["train", "--epochs", "1", "--no-progress", "--workers", "0"]) == 2
     assert "--workers" in capsys.readouterr().err
+    from xpcnn import checkpoint
+
     ckpt = tmp_path / "w.ckpt"
     args = ["train", "--epochs", "1", "--no-progress", "--workers", "2", "--checkpoint", str(ckpt)]
     assert main(args) == 0
+    assert checkpoint.load(ckpt)[1]["run"]["workers"] == 2
     assert main(["evaluate", str(ckpt), "--workers", "2"]) == 0
     assert "accuracy" in capsys.readouterr().out
 

@@ -508,7 +508,7 @@ def _resume_checks(run, meta, path, explicit_batch):
         old = current[key] if key == "augment" else 1 if key == "workers" else None
         if saved.get(key, old) != current[key]:
             notes.append(
-                f"{what} {saved.get(key)} -> {current[key]}: the same math, rounded "
+                f"{what} {saved.get(key, old)} -> {current[key]}: the same math, rounded "
                 "differently, so not bit-identical to the original run"
             )
     saved_world = saved.get("world_size", 1)
@@ -595,7 +595,8 @@ def train(
     ``workers`` threads share each batch, each with a replica of the model (`xpcnn.workers`):
     ``"auto"`` (default) uses one per BLAS thread on NumPy (one per core unless
     ``OMP_NUM_THREADS`` or the like says otherwise) and none on other backends, in an MPI job
-    or for a model with batch norm (whose math they would change); an int asks for that many
+    or for a model with batch norm (whose math they would change); a resume on the same
+    backend keeps the checkpoint's count (so it stays bit-exact); an int asks for that many
     (CPU backends). The sum is the one-worker sum in another order: equal to rounding.
     Raises `TrainingDiverged` when the loss, the weights or the optimizer state become
     non-finite (naming the last good checkpoint, if any), `TrainingInterrupted` after saving a
@@ -761,17 +762,25 @@ def _prepare(
                     f"{checkpoint}: metadata field 'device_rng' is malformed ({exc})"
                 ) from None
     can_compile = backend.compiles
+    if workers == "auto":
+        workers = 1 if world is not None else auto_workers(model, batch_size)
+        saved = (meta or {}).get("run") or {}
+        count = saved.get("workers", 1)
+        if (  # a resume on the same backend keeps the saved run's workers (exact resume)
+            world is None
+            and meta is not None
+            and saved.get("device") == backend.name
+            and isinstance(count, int)
+            and 1 <= count <= 256
+            and (count == 1 or backend.worker_threads)
+        ):
+            workers = count
     worker_notes = []
-    if workers != "auto" and workers > 1 and any(m.batch_dependent_train for m in model.modules()):
+    if workers > 1 and any(m.batch_dependent_train for m in model.modules()):
         worker_notes.append(
             f"{workers} workers: batch norm normalises each worker's slice of the batch, "
             "not the whole batch (as with MPI ranks)"
         )
-    if workers == "auto":
-        workers = 1 if world is not None else auto_workers(model, batch_size)
-        if meta is not None and world is None:  # a resume keeps the saved run's workers
-            saved = (meta.get("run") or {}).get("workers", 1)
-            workers = saved if isinstance(saved, int) and 1 <= saved <= 256 else workers
     step = TrainStep(
         model,
         opt,

@@ -16,19 +16,21 @@ output depends on the whole batch (batch norm) see only their worker's slice, as
 data-parallel ranks (`xpcnn.distributed`): `Module.batch_dependent_train` says which, and
 ``workers="auto"`` in `xpcnn.train` stays at one worker for them.
 
-The replicas are copies made when the `Workers` object is built; the parameters and buffers of
-the model are bound into them on every call, so they always compute with the model's current
-weights. The backend says whether threads may share its work (`Backend.worker_threads`) and
-how to keep its own pools at one thread (`Backend.single_threaded`).
+The replicas are copies of the model's layers without their weights: the model's parameters
+and buffers are bound into them on every call, and they are made again when the model's
+settings change, so they always compute what the model would. The backend says whether
+threads may share its work (`Backend.worker_threads`) and how to keep its own pools at one
+thread (`Backend.single_threaded`).
 """
 
 from __future__ import annotations
 
 import copy
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 
 from . import random
 from .distributed import shard
+from .nn import Module, Parameter
 
 __all__ = ["MIN_SLICE", "Workers", "auto_count", "check_count"]
 
@@ -64,59 +66,100 @@ def _weighted(weights, parts):
     return total
 
 
+_NOT_SETTINGS = ("_cache", "_buffers", "training")
+
+
 class Workers:
     """``count`` worker threads, each with a replica of ``model`` (the calling thread works
     too, on the model itself). Raises ValueError when ``count`` is not a positive int or the
-    model's backend cannot share work between threads (`Backend.worker_threads`)."""
+    model's backend cannot share work between threads (`Backend.worker_threads`).
+
+    A replica is a copy of the model's layers without their weights: the model's current
+    parameters and buffers are bound into it for each call. When the model's settings change
+    (a layer's attribute, train/eval, ``.to()`` another backend or dtype), the replicas are
+    made again before the next call, so they never compute with stale settings."""
 
     def __init__(self, model, count: int):
         check_count(count)
         if count == "auto":
             raise ValueError("Workers needs a number; workers.auto_count(model, batch) picks one")
-        backend = model.backend
-        if count > 1 and not backend.worker_threads:
-            raise ValueError(
-                f"workers={count}: the {backend.name} backend cannot split a batch between "
-                f"threads (its operations hold Python's GIL or run on their own device); "
-                f"use workers=1"
-            )
-        self.model, self.count, self.backend = model, count, backend
-        # the backends (holding the namespace module) are shared, everything else is copied
-        backends = {id(m.backend): m.backend for m in model.modules()}
-        self.replicas = [model] + [copy.deepcopy(model, dict(backends)) for _ in range(count - 1)]
-        for r in self.replicas[1:]:
-            for m in r.modules():
-                m._cache = None
-                m._buffers = None if m._buffers is None else {}
-        self.slots = [(r.parameters(), r.buffers()) for r in self.replicas]
+        self.model, self.count = model, count
         self._pool = None
-        self._generators = [None] * count
-        # whether one sample's output depends on the rest of the batch, in training and in eval
-        self._whole = {
-            mode: any(
-                m.batch_dependent_train if mode else m.batch_dependent_eval for m in model.modules()
-            )
-            for mode in (True, False)
-        }
+        self._signature = None
+        self._replicate()
 
     def __repr__(self):
         return f"Workers({type(self.model).__name__}, {self.count})"
 
-    def _map(self, job, n):
-        """``job(i, lo, hi)`` for each worker ``i`` with a non-empty slice ``lo:hi`` of ``n``
-        samples, worker 0 on the calling thread; results in worker order."""
-        slices = [(i, *shard(n, self.count, i)) for i in range(self.count)]
+    # --- replicas --------------------------------------------------------------------------------
+    def _settings(self):
+        """What a replica copies from the model besides its arrays: every module's attributes
+        other than caches, scratch buffers, weights, sub-modules and the train/eval flag
+        (synchronised on every call), compared before each call: a change makes the replicas
+        again."""
+        out = []
+        for m in self.model.modules():
+            for key, value in vars(m).items():
+                if key in _NOT_SETTINGS or isinstance(value, Parameter | Module):
+                    continue
+                if hasattr(value, "shape") and hasattr(value, "dtype"):  # an array: by identity
+                    value = ("array", id(value))
+                elif isinstance(value, list):  # Sequential's layers: by identity
+                    value = tuple(id(v) for v in value)
+                out.append((id(m), key, value))
+        return out
+
+    def _replicate(self):
+        model = self.model
+        self.backend = backend = model.backend
+        if self.count > 1 and not backend.worker_threads:
+            raise ValueError(
+                f"workers={self.count}: the {backend.name} backend cannot split a batch "
+                "between threads (its operations hold Python's GIL or run on their own "
+                "device); use workers=1 (--workers 1)"
+            )
+        # shared: the backends (they hold the namespace module); not copied: the weights
+        memo = {id(m.backend): m.backend for m in model.modules()}
+        for slot in [*model.parameters(), *model.buffers()]:
+            memo[id(slot.data)] = None
+        self.replicas = [model]
+        for _ in range(self.count - 1):
+            replica = copy.deepcopy(model, dict(memo))
+            for m in replica.modules():
+                m._cache = None
+                m._buffers = None if m._buffers is None else {}
+            self.replicas.append(replica)
+        self.slots = [(r.parameters(), r.buffers()) for r in self.replicas]
+        self._generators = [None] * self.count
+        # whether one sample's output depends on the rest of the batch (in eval mode)
+        self._whole_eval = any(m.batch_dependent_eval for m in model.modules())
+        self._signature = self._settings()
+
+    def _fresh(self):
+        """Make the replicas again if the model's settings changed since they were made."""
+        if self._settings() != self._signature:
+            self._replicate()
+
+    # --- running ---------------------------------------------------------------------------------
+    def _map(self, job, n, parts):
+        """``job(i, lo, hi)`` for each of ``parts`` workers ``i`` with a non-empty slice
+        ``lo:hi`` of ``n`` samples, worker 0 on the calling thread; results in worker order.
+        Returns only when every job has ended, also when one raised."""
+        slices = [(i, *shard(n, parts, i)) for i in range(parts)]
         slices = [s for s in slices if s[2] > s[1]]
         if len(slices) == 1:  # one sample, or one worker: no thread to hand work to
             return [job(*slices[0])], slices
         for r in self.replicas[1:]:  # in the model's mode (train or eval)
             if r.training != self.model.training:
                 r.train(self.model.training)
-        if self._pool is None and self.count > 1:
+        if self._pool is None:
             self._pool = ThreadPoolExecutor(self.count - 1, thread_name_prefix="xpcnn-worker")
         with self.backend.single_threaded():
             futures = [self._pool.submit(job, *s) for s in slices[1:]]
-            first = job(*slices[0])
+            try:
+                first = job(*slices[0])
+            finally:  # no replica may still be computing when this returns or raises
+                wait(futures)
             return [first, *(f.result() for f in futures)], slices
 
     def _bind(self, i, params, buffers):
@@ -128,30 +171,34 @@ class Workers:
         return slots, saved
 
     def forward(self, x):
-        """The model's output for batch ``x`` (in its current mode, with its current weights),
-        each worker computing a slice of the batch. The model alone computes a batch of fewer
-        than ``2 * MIN_SLICE`` samples, and one where a sample's output depends on the others
-        (batch norm in training mode, or without running statistics): the result is always
-        the one-thread result."""
+        """The model's output for batch ``x`` with its current weights. In eval mode the
+        workers each compute a slice of the batch (at least `MIN_SLICE` samples each); the
+        model alone computes a smaller batch, any training-mode forward (whose caches and
+        random draws belong to the model) and a model where one sample's output depends on
+        the others (batch norm without running statistics). The result is the one-thread
+        result in every case."""
         model = self.model
-        if self.count == 1 or x.shape[0] < 2 * MIN_SLICE or self._whole[model.training]:
+        parts = min(self.count, x.shape[0] // MIN_SLICE)
+        if parts <= 1 or model.training:
+            return model.forward(x)
+        self._fresh()
+        if self._whole_eval:
             return model.forward(x)
         params = [p.data for p in model.parameters()]
         buffers = [b.data for b in model.buffers()]
 
         def job(i, lo, hi):
-            replica = self.replicas[i]
             if i == 0:
-                return replica.forward(x[lo:hi, ...])
+                return model.forward(x[lo:hi, ...])
             slots, saved = self._bind(i, params, buffers)
             try:
-                return replica.forward(x[lo:hi, ...])
+                return self.replicas[i].forward(x[lo:hi, ...])
             finally:
                 for s, a in zip(slots, saved, strict=True):
                     s.data = a
 
-        outputs, _ = self._map(job, x.shape[0])
-        return outputs[0] if len(outputs) == 1 else self.backend.xp.concat(outputs, axis=0)
+        outputs, _ = self._map(job, x.shape[0], parts)
+        return self.backend.xp.concat(outputs, axis=0)
 
     def gradients(self, gradients_of, params, buffers, x, labels):
         """``gradients_of(replica, (parameter objects, buffer objects), params, buffers, x,
@@ -160,6 +207,7 @@ class Workers:
         and floating-point buffers weighted by slice size, correct counts summed, other
         buffers (counters) from worker 0. Random draws come from the current generator as one
         process would make them."""
+        self._fresh()
         n = x.shape[0]
         gen = random.current(self.backend)
         state = gen.state() if self.count > 1 else None
@@ -181,7 +229,7 @@ class Workers:
                     (hi - lo) / n,  # each worker's gradients come weighted: one add to combine
                 )
 
-        results, slices = self._map(job, n)
+        results, slices = self._map(job, n, self.count)
         if len(results) == 1:
             return results[0]
         weights = [(hi - lo) / n for _, lo, hi in slices]
