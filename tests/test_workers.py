@@ -1,6 +1,7 @@
 """Worker threads sharing a batch (xpcnn.workers): the one-thread math, on every CPU namespace."""
 
 import signal
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +10,8 @@ import xpcnn
 from xpcnn import nn
 from xpcnn import trainer as T
 from xpcnn.backends import blas_threads, get_backend
-from xpcnn.step import TrainStep
+from xpcnn.functional import cross_entropy
+from xpcnn.step import TrainStep, predict_function
 from xpcnn.workers import Workers, auto_count
 
 from conftest import assert_close
@@ -41,14 +43,24 @@ def _batch(backend, dtype, n, seed=0):
 
 
 def _steps(backend, dtype, workers, dropout=0.0, steps=3):
+    """``steps`` SGD steps; also checks that the loss ran on worker threads when asked to."""
     model = _net(backend, dtype, dropout)
     opt = xpcnn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step = TrainStep(model, opt, generator=xpcnn.random.generator(backend, 7), workers=workers)
+    threads = set()
+
+    def loss(logits, labels):
+        threads.add(threading.current_thread().name)
+        return cross_entropy(logits, labels)
+
+    step = TrainStep(
+        model, opt, loss, generator=xpcnn.random.generator(backend, 7), workers=workers
+    )
     out = []
     for k in range(steps):
         x, y = _batch(backend, dtype, 50, seed=k)  # 50: uneven slices for 3 workers
-        loss, correct = step(x, y, 0.1 * (1 - k / steps))
-        out.append((loss, correct))
+        out.append(step(x, y, 0.1 * (1 - k / steps)))
+    on_workers = {t for t in threads if t.startswith("xpcnn-worker")}
+    assert len(on_workers) == workers - 1, threads  # the main thread is worker 0
     return model, out
 
 
@@ -297,7 +309,7 @@ def test_evaluate_with_workers_matches_one(small):
     assert abs(two.loss - one.loss) < 1e-12
 
 
-def test_command_line_workers(small, tmp_path, capsys):
+def test_command_line_workers(tmp_path, capsys):
     from xpcnn.cli import main
 
     assert main(["train", "--epochs", "1", "--no-progress", "--workers", "0"]) == 2
@@ -319,3 +331,145 @@ def test_mpi_jobs_take_no_workers(small):
     with pytest.raises(ValueError, match="workers=2 in an MPI job"):
         T.train(workers=2, **kw)
     assert T.train(**kw).step.workers is None
+
+
+def test_predict_function_with_workers(backend_dtype):
+    backend, dtype = backend_dtype
+    _skip_unless_workers(backend)
+    model = _net(backend, dtype)
+    x, _ = _batch(backend, dtype, 100)
+    predict = predict_function(model, workers=2)
+    assert predict.workers.count == 2
+    assert_close(predict(x), model.eval().forward(x), dtype, "logits", backend=backend)
+    # compile does nothing on these backends: it combines with workers
+    assert predict_function(model, compile=True, workers=2).workers.count == 2
+
+
+def test_predict_function_refuses_workers_with_a_compiler():
+    jax_backend = get_backend("jax:cpu")
+    model = _net(jax_backend, "float32")
+    with pytest.raises(ValueError, match="compile on jax:cpu and workers=2 do not combine"):
+        predict_function(model, compile=True, workers=2)
+    assert not hasattr(predict_function(model, compile=True, workers="auto"), "workers")
+
+
+@pytest.mark.parametrize("bad", [True, 1.0, 0, "auto"])
+def test_train_step_refuses_bad_workers(bad):
+    model = _net(get_backend("cpu"), "float32")
+    with pytest.raises(ValueError, match="workers must be a positive integer"):
+        TrainStep(model, xpcnn.optim.SGD(model.parameters(), lr=0.1), workers=bad)
+
+
+class _HoldsNamespace(nn.Module):
+    """Keeps the namespace module as an attribute (which cannot be deep-copied) and a dict
+    of settings read in forward."""
+
+    def __init__(self, *, dtype="float32", device="cpu"):
+        super().__init__(dtype=dtype, device=device)
+        self.xp = self.backend.xp
+        self.opts = {"scale": 1.0}
+
+    def forward(self, x):
+        return x * self.opts["scale"]
+
+    def backward(self, grad_out, need_input_grad=True):
+        return grad_out * self.opts["scale"]
+
+
+class _KeepsStats(nn.Module):
+    """Sets a tuple of arrays and a counter on itself in every forward, and scales by a plain
+    (non-parameter) array."""
+
+    def __init__(self, *, dtype="float32", device="cpu"):
+        super().__init__(dtype=dtype, device=device)
+        self.scale = self.backend.asarray(np.ones(10), dtype)
+        self.calls = 0
+
+    def forward(self, x):
+        self.stats = (x[0, ...], x[-1, ...])
+        self.calls += 1
+        return x * self.scale
+
+    def backward(self, grad_out, need_input_grad=True):
+        return grad_out * self.scale
+
+
+def _custom(dtype="float64"):
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1, dtype=dtype),
+        _HoldsNamespace(dtype=dtype),
+        nn.Flatten(dtype=dtype),
+        nn.Linear(4 * 28 * 28, 10, dtype=dtype),
+        _KeepsStats(dtype=dtype),
+        dtype=dtype,
+    )
+    model.reset_parameters(2)
+    return model
+
+
+def test_custom_layers_with_any_attributes(small, monkeypatch):
+    """Attributes that cannot be copied (a namespace module), that change in every forward
+    (arrays, counters), or that change in place (a dict, a plain array): two workers follow the
+    model and train what one does; replicas are made again only when an attribute of the
+    model is reassigned."""
+    made = []
+    real = Workers._replicate
+
+    def counting(self):
+        made.append(1)
+        real(self)
+
+    monkeypatch.setattr(Workers, "_replicate", counting)
+    kw = {"dataset": small, "epochs": 1, "batch_size": 64, "progress": False}
+    results = []
+    for workers in (1, 2):
+        model = _custom()
+        model[1].opts["scale"] = 0.5  # in place, before and after the workers exist
+        model[4].scale[3] = 2.0
+        r = T.train(model, workers=workers, **kw)
+        results.append(r)
+    for (name, a), (_, b) in zip(
+        results[1].model.named_parameters(), results[0].model.named_parameters(), strict=True
+    ):
+        np.testing.assert_allclose(a.data, b.data, rtol=1e-10, atol=1e-12, err_msg=name)
+    step = results[1].step
+    model = step.model
+    x, y = _batch(get_backend("cpu"), "float64", 64)
+    model[1].opts["scale"] = 3.0  # in place: the replicas share the dict
+    model[4].scale[:] = 0.25  # in place: they share the array
+    model.eval()
+    np.testing.assert_allclose(step.workers.forward(x), model.forward(x), rtol=1e-12, atol=1e-12)
+    assert len(made) <= 1 + 3 + 1  # made, then once per step (calls/stats reassigned)...
+    before = len(made)
+    model.eval()
+    step.workers.forward(x)
+    assert len(made) == before + 1  # ... and once more: forward reassigned calls and stats
+
+
+def test_the_callers_context_reaches_the_workers():
+    """np.errstate (a context variable in NumPy 2) and `xpcnn.random.using` hold in the
+    worker threads as in the caller."""
+    backend = get_backend("cpu")
+    pool = Workers(_net(backend, "float32"), 3)
+    gen = xpcnn.random.generator(backend, 3)
+
+    def job(i, lo, hi):
+        return np.geterr()["over"], xpcnn.random.current(backend) is gen
+
+    with np.errstate(over="raise"), xpcnn.random.using(gen):
+        seen, _ = pool._map(job, 60, 3)
+    assert seen == [("raise", True)] * 3
+
+
+def test_default_training_makes_replicas_once(small, monkeypatch):
+    made = []
+    real = Workers._replicate
+
+    def counting(self):
+        made.append(1)
+        real(self)
+
+    monkeypatch.setattr(Workers, "_replicate", counting)
+    r = T.train(dataset=small, epochs=2, batch_size=64, progress=False, workers=2)
+    assert r.step.workers.count == 2
+    assert len(made) == 1

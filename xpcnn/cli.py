@@ -167,7 +167,8 @@ def build_parser():
         "--workers",
         type=_workers,
         default="auto",
-        help=_WORKERS_HELP + ", in MPI jobs or for models with batch norm)",
+        help=_WORKERS_HELP + ", in MPI jobs or for models with batch norm; at most one per 32 "
+        "images; on --resume the checkpoint's)",
     )
     t.add_argument("--checkpoint", default=None, help="save a checkpoint here after every epoch")
     t.add_argument("--resume", action="store_true", help="continue from --checkpoint")

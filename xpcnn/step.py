@@ -110,7 +110,9 @@ class TrainStep:
             a is not b for a, b in zip(optimizer.params, self.params, strict=False)
         ):
             raise ValueError("TrainStep: the optimizer must hold the model's parameters, in order")
-        self.workers = Workers(model, workers) if workers != 1 else None
+        if check_count(workers) == "auto":
+            raise ValueError("TrainStep: workers must be a positive integer (train picks one)")
+        self.workers = Workers(model, workers) if workers > 1 else None
         self.compiled = False
         self._run = self.function
         if compile:
@@ -199,12 +201,18 @@ class TrainStep:
 def predict_function(model, *, compile=False, workers: int | str = 1) -> Callable:
     """``x -> logits`` of ``model`` in eval mode as a function of the current weights, compiled
     by the backend when ``compile`` is true, or shared by ``workers`` threads
-    (`xpcnn.workers`; ``"auto"``: the backend's default, one per BLAS thread on NumPy)."""
+    (`xpcnn.workers`; ``"auto"``: the backend's default, one per BLAS thread on NumPy).
+    Raises ValueError for a bad ``workers``, or more than one with a compiling backend."""
     check_count(workers)
     count = model.backend.default_workers() if workers == "auto" else workers
+    if compile and model.backend.compiles:  # a compiled forward runs whole
+        if workers != "auto" and workers > 1:
+            raise ValueError(
+                f"predict_function: compile on {model.backend.name} and workers={workers} do "
+                "not combine (a compiled forward is one program)"
+            )
+        count = 1
     if count > 1:
-        if compile:
-            raise ValueError("predict_function: compile and workers > 1 do not combine")
         pool = Workers(model, count)
 
         def shared(x):

@@ -216,7 +216,9 @@ def _evaluate_on(model, data, batch_size, sync, extra=(), forward=None, reduce=N
     return EvalResult(loss_total / count, correct_total / count, count), rest
 
 
-def evaluate(model, dataset="mnist-5k", device=None, batch_size=1000, workers="auto") -> EvalResult:
+def evaluate(
+    model, dataset="mnist-5k", device=None, batch_size=1000, workers: int | str = "auto"
+) -> EvalResult:
     """Loss and accuracy of ``model`` on the test split of ``dataset`` (name, path or Dataset).
 
     Runs on ``device`` if given (the model is moved there), else on the model's own backend;
@@ -555,7 +557,7 @@ def train(
     hooks=(),
     augment=None,
     distributed=None,
-    workers="auto",
+    workers: int | str = "auto",
 ) -> TrainResult:
     """Train ``model`` (default: a fresh ``SimpleCNN(seed=seed)``) and return a `TrainResult`.
 
@@ -922,6 +924,8 @@ def _loop(run) -> TrainResult:
         for hook in run.hooks:
             hook.close(run)
         result.host_syncs = run.sync.count
+        if run.step.workers is not None:  # its threads; a later call starts them again
+            run.step.workers.close()
     return result
 
 

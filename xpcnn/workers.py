@@ -16,17 +16,26 @@ output depends on the whole batch (batch norm) see only their worker's slice, as
 data-parallel ranks (`xpcnn.distributed`): `Module.batch_dependent_train` says which, and
 ``workers="auto"`` in `xpcnn.train` stays at one worker for them.
 
-The replicas are copies of the model's layers without their weights: the model's parameters
-and buffers are bound into them on every call, and they are made again when the model's
-settings change, so they always compute what the model would. The backend says whether
-threads may share its work (`Backend.worker_threads`) and how to keep its own pools at one
-thread (`Backend.single_threaded`).
+The replicas are shallow copies of the model's layers: their own parameter and buffer objects
+(the model's arrays are bound into them on every call), caches and scratch buffers, and every
+other attribute shared with the model; when an attribute of the model is reassigned (``.to()``,
+``layer.p = 0.3``) they are made again before the next call, so they compute what the model
+would. A layer should draw random numbers from `xpcnn.random.current` (as `Dropout` does), not
+from a generator of its own, and attributes a layer sets during forward are set on each
+replica (the model keeps those of worker 0's slice). With `TrainStep`, the loss must be a mean
+over the samples (the default cross-entropy is), since the slices' losses are averaged.
+
+The backend says whether threads may share its work (`Backend.worker_threads`) and how to keep
+its own pools at one thread (`Backend.single_threaded`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import Any
 
 from . import random
 from .distributed import shard
@@ -39,7 +48,7 @@ __all__ = ["MIN_SLICE", "Workers", "auto_count", "check_count"]
 MIN_SLICE = 16
 
 
-def check_count(workers, argument="workers") -> int | str:
+def check_count(workers: object, argument: str = "workers") -> int | str:
     """``workers`` if it is a positive int or ``"auto"``, else ValueError naming ``argument``."""
     if workers == "auto" or (
         isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
@@ -48,7 +57,7 @@ def check_count(workers, argument="workers") -> int | str:
     raise ValueError(f"{argument} must be a positive integer or 'auto', got {workers!r}")
 
 
-def auto_count(model, batch_size: int) -> int:
+def auto_count(model: Module, batch_size: int) -> int:
     """How many workers ``"auto"`` means for ``model`` at ``batch_size``: the backend's
     `Backend.default_workers` (NumPy: the BLAS pool's threads, one per core unless the
     environment says otherwise), at most one per 32 images, and 1 for a model whose training
@@ -56,6 +65,19 @@ def auto_count(model, batch_size: int) -> int:
     if any(m.batch_dependent_train for m in model.modules()):
         return 1
     return max(1, min(model.backend.default_workers(), batch_size // 32))
+
+
+def _wait_all(futures):
+    """Wait until every future is done, even through Ctrl-C (raised once they all are)."""
+    interrupted = None
+    while True:
+        try:
+            wait(futures)
+            break
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 def _weighted(weights, parts):
@@ -69,6 +91,28 @@ def _weighted(weights, parts):
 _NOT_SETTINGS = ("_cache", "_buffers", "training")
 
 
+def _replica(module, done):
+    """A copy of ``module`` for a worker: its own sub-module replicas, its own (empty)
+    parameter and buffer objects, caches and scratch buffers; every other attribute (settings,
+    the backend, dicts, plain arrays) shared with ``module``. ``done`` maps ids of modules
+    already copied to their copies (a module used twice stays one module)."""
+    if id(module) in done:
+        return done[id(module)]
+    copy_ = done[id(module)] = copy.copy(module)
+    for key, value in vars(module).items():
+        if isinstance(value, Module):
+            value = _replica(value, done)
+        elif isinstance(value, Parameter):  # Buffer is a Parameter too: keeps its class
+            value = copy.copy(value)
+            value.data, value.grad = None, None
+        elif isinstance(value, list | tuple) and any(isinstance(v, Module) for v in value):
+            value = type(value)(_replica(v, done) if isinstance(v, Module) else v for v in value)
+        object.__setattr__(copy_, key, value)
+    copy_._cache = None
+    copy_._buffers = None if module._buffers is None else {}
+    return copy_
+
+
 class Workers:
     """``count`` worker threads, each with a replica of ``model`` (the calling thread works
     too, on the model itself). Raises ValueError when ``count`` is not a positive int or the
@@ -79,7 +123,7 @@ class Workers:
     (a layer's attribute, train/eval, ``.to()`` another backend or dtype), the replicas are
     made again before the next call, so they never compute with stale settings."""
 
-    def __init__(self, model, count: int):
+    def __init__(self, model: Module, count: int):
         check_count(count)
         if count == "auto":
             raise ValueError("Workers needs a number; workers.auto_count(model, batch) picks one")
@@ -93,21 +137,18 @@ class Workers:
 
     # --- replicas --------------------------------------------------------------------------------
     def _settings(self):
-        """What a replica copies from the model besides its arrays: every module's attributes
-        other than caches, scratch buffers, weights, sub-modules and the train/eval flag
-        (synchronised on every call), compared before each call: a change makes the replicas
-        again."""
-        out = []
-        for m in self.model.modules():
-            for key, value in vars(m).items():
-                if key in _NOT_SETTINGS or isinstance(value, Parameter | Module):
-                    continue
-                if hasattr(value, "shape") and hasattr(value, "dtype"):  # an array: by identity
-                    value = ("array", id(value))
-                elif isinstance(value, list):  # Sequential's layers: by identity
-                    value = tuple(id(v) for v in value)
-                out.append((id(m), key, value))
-        return out
+        """The identity of every attribute of every module of the model, besides caches,
+        scratch buffers and the train/eval flag (synchronised on every call). Replicas share
+        the values themselves (a dict or an array changed in place is seen at once); a
+        reassigned attribute (``.to()``, ``layer.p = 0.3``) changes this, and the replicas are
+        made again. The values are kept so that their ids cannot be reused."""
+        values = [
+            (m, key, value)
+            for m in self.model.modules()
+            for key, value in vars(m).items()
+            if key not in _NOT_SETTINGS
+        ]
+        return [(id(m), key, id(value)) for m, key, value in values], values
 
     def _replicate(self):
         model = self.model
@@ -118,17 +159,7 @@ class Workers:
                 "between threads (its operations hold Python's GIL or run on their own "
                 "device); use workers=1 (--workers 1)"
             )
-        # shared: the backends (they hold the namespace module); not copied: the weights
-        memo = {id(m.backend): m.backend for m in model.modules()}
-        for slot in [*model.parameters(), *model.buffers()]:
-            memo[id(slot.data)] = None
-        self.replicas = [model]
-        for _ in range(self.count - 1):
-            replica = copy.deepcopy(model, dict(memo))
-            for m in replica.modules():
-                m._cache = None
-                m._buffers = None if m._buffers is None else {}
-            self.replicas.append(replica)
+        self.replicas = [model] + [_replica(model, {}) for _ in range(self.count - 1)]
         self.slots = [(r.parameters(), r.buffers()) for r in self.replicas]
         self._generators = [None] * self.count
         # whether one sample's output depends on the rest of the batch (in eval mode)
@@ -136,8 +167,8 @@ class Workers:
         self._signature = self._settings()
 
     def _fresh(self):
-        """Make the replicas again if the model's settings changed since they were made."""
-        if self._settings() != self._signature:
+        """Make the replicas again if an attribute of the model was reassigned since."""
+        if self._settings()[0] != self._signature[0]:
             self._replicate()
 
     # --- running ---------------------------------------------------------------------------------
@@ -155,11 +186,14 @@ class Workers:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.count - 1, thread_name_prefix="xpcnn-worker")
         with self.backend.single_threaded():
-            futures = [self._pool.submit(job, *s) for s in slices[1:]]
+            # each job runs in a copy of the caller's context (np.errstate, random.using, ...)
+            futures = [
+                self._pool.submit(contextvars.copy_context().run, job, *s) for s in slices[1:]
+            ]
             try:
                 first = job(*slices[0])
             finally:  # no replica may still be computing when this returns or raises
-                wait(futures)
+                _wait_all(futures)
             return [first, *(f.result() for f in futures)], slices
 
     def _bind(self, i, params, buffers):
@@ -170,7 +204,7 @@ class Workers:
             s.data = a
         return slots, saved
 
-    def forward(self, x):
+    def forward(self, x: Any) -> Any:
         """The model's output for batch ``x`` with its current weights. In eval mode the
         workers each compute a slice of the batch (at least `MIN_SLICE` samples each); the
         model alone computes a smaller batch, any training-mode forward (whose caches and
@@ -200,7 +234,9 @@ class Workers:
         outputs, _ = self._map(job, x.shape[0], parts)
         return self.backend.xp.concat(outputs, axis=0)
 
-    def gradients(self, gradients_of, params, buffers, x, labels):
+    def gradients(
+        self, gradients_of: Callable, params: list, buffers: list, x: Any, labels: Any
+    ) -> tuple[list, list, Any, Any]:
         """``gradients_of(replica, (parameter objects, buffer objects), params, buffers, x,
         labels) -> (grads, buffers, loss, correct)`` (`xpcnn.step.TrainStep`'s half) computed
         per slice by the workers and combined into the whole batch's: gradients, mean loss

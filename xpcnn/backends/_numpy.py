@@ -11,7 +11,8 @@ class NumpyBackend(Backend):
     family = "cpu"
     worker_threads = True
 
-    def default_workers(self):
+    def default_workers(self) -> int:
+        """One worker per thread of NumPy's BLAS pool (one per core by default)."""
         return blas_threads()
 
     def single_threaded(self):

@@ -27,7 +27,8 @@ class TorchBackend(Backend):
         return self.device.type == "cuda"
 
     @property
-    def worker_threads(self):  # torch's CPU kernels release the GIL (workers when asked for)
+    def worker_threads(self) -> bool:
+        """On the CPU: torch's kernels release the GIL (workers when asked for)."""
         return self.device.type == "cpu"
 
     @contextlib.contextmanager

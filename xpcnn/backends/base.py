@@ -93,7 +93,7 @@ class Backend:
         """How many worker threads ``workers="auto"`` uses on this backend (1: none)."""
         return 1
 
-    def single_threaded(self):
+    def single_threaded(self) -> contextlib.AbstractContextManager:
         """Context in which this backend's own thread pools (BLAS, intra-op threads) use one
         thread, so that N worker threads keep N cores busy, not N times the pool."""
         return contextlib.nullcontext()
@@ -131,6 +131,6 @@ def blas_threads() -> int:
     return max([1, *(int(lib.get("num_threads") or 1) for lib in info)])
 
 
-def blas_single_threaded():
+def blas_single_threaded() -> contextlib.AbstractContextManager:
     """Context in which NumPy's BLAS uses one thread (threadpoolctl)."""
     return _blas_controller().limit(limits=1)
