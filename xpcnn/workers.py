@@ -118,10 +118,10 @@ class Workers:
     too, on the model itself). Raises ValueError when ``count`` is not a positive int or the
     model's backend cannot share work between threads (`Backend.worker_threads`).
 
-    A replica is a copy of the model's layers without their weights: the model's current
-    parameters and buffers are bound into it for each call. When the model's settings change
-    (a layer's attribute, train/eval, ``.to()`` another backend or dtype), the replicas are
-    made again before the next call, so they never compute with stale settings."""
+    A replica is a shallow copy of the model's layers (`_replica`): the model's current
+    parameters and buffers are bound into it for each call, its train/eval mode follows the
+    model's, and when an attribute of the model is reassigned (``layer.p = 0.3``, ``.to()``
+    another backend or dtype) the replicas are made again before the next call."""
 
     def __init__(self, model: Module, count: int):
         check_count(count)
