@@ -59,8 +59,10 @@ def _steps(backend, dtype, workers, dropout=0.0, steps=3):
     for k in range(steps):
         x, y = _batch(backend, dtype, 50, seed=k)  # 50: uneven slices for 3 workers
         out.append(step(x, y, 0.1 * (1 - k / steps)))
+    # the main thread is worker 0; the others ran on the pool's threads (which may hand two
+    # slices to one thread when it is free first)
     on_workers = {t for t in threads if t.startswith("xpcnn-worker")}
-    assert len(on_workers) == workers - 1, threads  # the main thread is worker 0
+    assert (len(on_workers) >= 1) == (workers > 1), threads
     return model, out
 
 
