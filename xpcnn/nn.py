@@ -20,6 +20,7 @@ Parameters and their names follow PyTorch (``conv1.weight`` is ``(out, in, kh, k
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 from collections.abc import Iterator, Mapping
@@ -108,6 +109,22 @@ class Buffer(Parameter):
     def __init__(self, data, shape=None, kind="float"):
         super().__init__(data, shape)
         self.kind = kind
+
+
+@contextlib.contextmanager
+def bound(slots, arrays) -> Iterator[None]:
+    """Bind ``arrays`` into the `Parameter`/`Buffer` objects ``slots`` for the duration, then
+    put back what was there and clear the gradients (so a JAX tracer never stays in a model,
+    and a worker's replica keeps no weights between calls)."""
+    saved = [s.data for s in slots]
+    for s, a in zip(slots, arrays, strict=True):
+        s.data = a
+    try:
+        yield
+    finally:
+        for s, a in zip(slots, saved, strict=True):
+            s.data = a
+            s.grad = None
 
 
 def _jsonable(value, where):

@@ -35,6 +35,7 @@ from collections.abc import Callable, Iterator
 
 from . import random
 from .functional import correct_count, cross_entropy
+from .nn import bound
 from .workers import Workers, check_count
 
 __all__ = ["TrainStep", "predict_function", "scratch_off"]
@@ -52,24 +53,6 @@ def scratch_off(model) -> Iterator[None]:
     finally:
         for m, b in zip(modules, saved, strict=True):
             m._buffers = b
-
-
-class _Bound:
-    """Binds arrays into a model's parameters and buffers for one call, then puts back what
-    was there (so a tracer never stays in the model)."""
-
-    def __init__(self, slots, arrays):
-        self.slots, self.arrays = slots, arrays
-
-    def __enter__(self):
-        self.saved = [s.data for s in self.slots]
-        for s, a in zip(self.slots, self.arrays, strict=True):
-            s.data = a
-
-    def __exit__(self, *exc):
-        for s, a in zip(self.slots, self.saved, strict=True):
-            s.data = a
-            s.grad = None
 
 
 class TrainStep:
@@ -145,7 +128,7 @@ class TrainStep:
         and buffer objects are ``slots``), the gradients scaled by ``weight`` (a worker's
         share of the batch: backward is linear in dL/dlogits, so scaling it scales them all)."""
         param_slots, buffer_slots = slots
-        with _Bound(param_slots, params), _Bound(buffer_slots, buffers):
+        with bound(param_slots, params), bound(buffer_slots, buffers):
             logits = model.forward(x)
             loss, g = self.loss(logits, labels)
             model.backward(g if weight == 1.0 else g * weight, need_input_grad=False)
@@ -225,7 +208,7 @@ def predict_function(model, *, compile=False, workers: int | str = 1) -> Callabl
     slots = [*model.parameters(), *model.buffers()]
 
     def logits(arrays, x):
-        with _Bound(slots, arrays):
+        with bound(slots, arrays):
             return model.forward(x)
 
     run, _ = model.backend.compile(logits) if compile else (logits, False)

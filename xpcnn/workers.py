@@ -39,7 +39,7 @@ from typing import Any
 
 from . import random
 from .distributed import shard
-from .nn import Module, Parameter
+from .nn import Module, Parameter, bound
 
 __all__ = ["MIN_SLICE", "Workers", "auto_count", "check_count"]
 
@@ -196,14 +196,6 @@ class Workers:
                 _wait_all(futures)
             return [first, *(f.result() for f in futures)], slices
 
-    def _bind(self, i, params, buffers):
-        """Put ``params`` and ``buffers`` into replica ``i``; returns the previous arrays."""
-        slots = [*self.slots[i][0], *self.slots[i][1]]
-        saved = [s.data for s in slots]
-        for s, a in zip(slots, [*params, *buffers], strict=True):
-            s.data = a
-        return slots, saved
-
     def forward(self, x: Any) -> Any:
         """The model's output for batch ``x`` with its current weights. In eval mode the
         workers each compute a slice of the batch (at least `MIN_SLICE` samples each); the
@@ -224,12 +216,8 @@ class Workers:
         def job(i, lo, hi):
             if i == 0:
                 return model.forward(x[lo:hi, ...])
-            slots, saved = self._bind(i, params, buffers)
-            try:
+            with bound([*self.slots[i][0], *self.slots[i][1]], [*params, *buffers]):
                 return self.replicas[i].forward(x[lo:hi, ...])
-            finally:
-                for s, a in zip(slots, saved, strict=True):
-                    s.data = a
 
         outputs, _ = self._map(job, x.shape[0], parts)
         return self.backend.xp.concat(outputs, axis=0)
