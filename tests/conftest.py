@@ -7,7 +7,9 @@ probe's reason when absent. Set ``XPCNN_REQUIRE_BACKENDS=cpu,strict:cpu,...`` (C
 skip of a listed backend into a failure, so a missing dependency cannot hide tests.
 """
 
+import contextlib
 import os
+import signal
 
 import numpy as np
 import pytest
@@ -146,3 +148,25 @@ def max_rel_err(actual, expected):
     a = to_numpy(actual).astype(np.float64)
     e = np.asarray(expected, dtype=np.float64)
     return float(np.abs(a - e).max(initial=0.0) / max(np.abs(e).max(initial=0.0), 1e-300))
+
+
+@contextlib.contextmanager
+def ctrl_c_at_step(monkeypatch, n):
+    """Inside the block, the ``n``-th call of a `xpcnn.step.TrainStep` sends this process a
+    SIGINT (a Ctrl-C) just before it runs; the real step is back after the block."""
+    from xpcnn.step import TrainStep
+
+    calls = {"n": 0}
+    real = TrainStep.__call__
+
+    def interrupting(self, x, y, lr):
+        calls["n"] += 1
+        if calls["n"] == n:
+            signal.raise_signal(signal.SIGINT)
+        return real(self, x, y, lr)
+
+    monkeypatch.setattr(TrainStep, "__call__", interrupting)
+    try:
+        yield
+    finally:
+        monkeypatch.setattr(TrainStep, "__call__", real)

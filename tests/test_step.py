@@ -12,7 +12,7 @@ from xpcnn import trainer as T
 from xpcnn.backends import BackendUnavailable, get_backend
 from xpcnn.step import TrainStep, predict_function, scratch_off
 
-from conftest import assert_close, tolerance
+from conftest import assert_close, ctrl_c_at_step, tolerance
 
 COMPILING = ["jax:cpu", "jax:cuda:0", "torch:cuda:0"]
 
@@ -145,25 +145,13 @@ def test_train_compiles_by_default_where_it_can_and_resumes_exactly(small, tmp_p
     """jax:cpu: train() compiles the step by default; Ctrl-C mid-epoch and resume give the
     weights of an uninterrupted compiled run, bit for bit."""
     _compiling_backend("jax:cpu")
-    import signal
-
     kw = {"dataset": small, "epochs": 2, "batch_size": 64, "progress": False, "device": "jax:cpu"}
     full = T.train(**kw)
     assert full.step.compiled
-    calls = {"n": 0}
-    real = TrainStep.__call__
-
-    def interrupting(self, x, y, lr):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, step 2 (3 steps per epoch)
-            signal.raise_signal(signal.SIGINT)
-        return real(self, x, y, lr)
-
-    monkeypatch.setattr(TrainStep, "__call__", interrupting)
     path = tmp_path / "run.ckpt"
-    with pytest.raises(T.TrainingInterrupted, match="epoch 2, step 2"):
-        T.train(checkpoint=path, **kw)
-    monkeypatch.setattr(TrainStep, "__call__", real)
+    with ctrl_c_at_step(monkeypatch, 5):  # epoch 2, step 2 (3 steps per epoch)
+        with pytest.raises(T.TrainingInterrupted, match="epoch 2, step 2"):
+            T.train(checkpoint=path, **kw)
     resumed = T.train(checkpoint=path, resume=True, **kw)
     assert resumed.step.compiled
     for k, v in full.model.state_dict().items():

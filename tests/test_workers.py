@@ -1,6 +1,5 @@
 """Worker threads sharing a batch (xpcnn.workers): the one-thread math, on every CPU namespace."""
 
-import signal
 import threading
 
 import numpy as np
@@ -14,7 +13,7 @@ from xpcnn.functional import cross_entropy
 from xpcnn.step import TrainStep, predict_function
 from xpcnn.workers import Workers, auto_count
 
-from conftest import assert_close
+from conftest import assert_close, ctrl_c_at_step
 
 
 def _net(backend, dtype, dropout=0.0, batch_norm=False):
@@ -242,20 +241,10 @@ def test_train_with_workers_equals_one_thread_and_resumes_exactly(small, tmp_pat
     assert two.step.workers.count == 2 and one.step.workers is None
     for k, v in one.model.state_dict().items():
         np.testing.assert_allclose(two.model.state_dict()[k], v, rtol=1e-10, atol=1e-12)
-    calls = {"n": 0}
-    real = TrainStep.__call__
-
-    def interrupting(self, x, y, lr):
-        calls["n"] += 1
-        if calls["n"] == 5:  # epoch 2, step 2 (3 steps per epoch)
-            signal.raise_signal(signal.SIGINT)
-        return real(self, x, y, lr)
-
-    monkeypatch.setattr(TrainStep, "__call__", interrupting)
     path = tmp_path / "run.ckpt"
-    with pytest.raises(T.TrainingInterrupted, match="epoch 2, step 2"):
-        T.train(_dropout_cnn(), checkpoint=path, workers=2, **kw)
-    monkeypatch.setattr(TrainStep, "__call__", real)
+    with ctrl_c_at_step(monkeypatch, 5):  # epoch 2, step 2 (3 steps per epoch)
+        with pytest.raises(T.TrainingInterrupted, match="epoch 2, step 2"):
+            T.train(_dropout_cnn(), checkpoint=path, workers=2, **kw)
     monkeypatch.setattr(type(get_backend("cpu")), "default_workers", lambda self: 1)
     resumed = T.train(_dropout_cnn(), checkpoint=path, resume=True, **kw)
     assert resumed.step.workers.count == 2
@@ -409,11 +398,9 @@ def _custom(dtype="float64"):
     return model
 
 
-def test_custom_layers_with_any_attributes(small, monkeypatch):
-    """Attributes that cannot be copied (a namespace module), that change in every forward
-    (arrays, counters), or that change in place (a dict, a plain array): two workers follow the
-    model and train what one does; replicas are made again only when an attribute of the
-    model is reassigned."""
+@pytest.fixture
+def made(monkeypatch):
+    """A list that grows by one each time a `Workers` makes its replicas."""
     made = []
     real = Workers._replicate
 
@@ -422,6 +409,14 @@ def test_custom_layers_with_any_attributes(small, monkeypatch):
         real(self)
 
     monkeypatch.setattr(Workers, "_replicate", counting)
+    return made
+
+
+def test_custom_layers_with_any_attributes(small, made):
+    """Attributes that cannot be copied (a namespace module), that change in every forward
+    (arrays, counters), or that change in place (a dict, a plain array): two workers follow the
+    model and train what one does; replicas are made again only when an attribute of the
+    model is reassigned."""
     kw = {"dataset": small, "epochs": 1, "batch_size": 64, "progress": False}
     results = []
     for workers in (1, 2):
@@ -463,15 +458,7 @@ def test_the_callers_context_reaches_the_workers():
     assert seen == [("raise", True)] * 3
 
 
-def test_default_training_makes_replicas_once(small, monkeypatch):
-    made = []
-    real = Workers._replicate
-
-    def counting(self):
-        made.append(1)
-        real(self)
-
-    monkeypatch.setattr(Workers, "_replicate", counting)
+def test_default_training_makes_replicas_once(small, made):
     r = T.train(dataset=small, epochs=2, batch_size=64, progress=False, workers=2)
     assert r.step.workers.count == 2
     assert len(made) == 1
