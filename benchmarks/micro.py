@@ -284,6 +284,44 @@ def batch1_floor():
     )
 
 
+def workers_scaling():
+    """How far two worker threads get from halving a training step (xpcnn.workers)."""
+    from xpcnn.step import TrainStep
+
+    x = rng.random((128, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, 128)
+
+    def make(workers):
+        model = xpcnn.SimpleCNN(seed=0)
+        opt = xpcnn.optim.SGD(model.parameters(), lr=0.0, momentum=0.9)  # lr 0: same weights
+        return TrainStep(model, opt, workers=workers)
+
+    one, two = make(1), make(2)
+    backend = one.backend
+
+    def half():  # what each worker computes: a 64-image forward and backward, BLAS at 1
+        params, buffers, _ = one.state()
+        with backend.single_threaded():
+            one.gradients(params, buffers, x[:64], y[:64])
+
+    def whole_one_thread():
+        with backend.single_threaded():
+            one(x, y, 0.0)
+
+    show(
+        "training step, batch 128: 2 workers | one thread, BLAS at 1",
+        lambda: two(x, y, 0.0),
+        whole_one_thread,
+        repeats=100,
+    )
+    show(
+        "2 workers' step (batch 128) | one worker's share alone (64)",
+        lambda: two(x, y, 0.0),
+        half,
+        repeats=100,
+    )
+
+
 def page_faults():
     """Run first, in a fresh process: later measurements leave a grown heap behind."""
     x = rng.random((128, 1, 28, 28), dtype=np.float32)
@@ -315,6 +353,7 @@ PARTS = (
     eval_chunks,
     batch1_floor,
     conv_backward_methods,
+    workers_scaling,
 )
 
 
