@@ -38,7 +38,6 @@ from .conv import INPUT_GRAD_METHODS
 from .functional import correct_count, cross_entropy
 from .optim import make_optimizer
 from .step import TrainStep, predict_function
-from .workers import Workers
 from .workers import auto_count as auto_workers
 from .workers import check_count as check_workers
 
@@ -236,13 +235,8 @@ def evaluate(
     data = _dataset(dataset)
     _check_outputs(model, data)
     test = DeviceData(model.backend, data.test_images, data.test_labels)
-    count = model.backend.default_workers() if workers == "auto" else workers
-    pool = Workers(model, count) if count > 1 else None
-    try:
-        return _evaluate_on(model, test, batch_size, HostSync(), forward=pool and pool.forward)[0]
-    finally:
-        if pool is not None:
-            pool.close()
+    forward = predict_function(model, workers=workers)  # "auto": the backend's default
+    return _evaluate_on(model, test, batch_size, HostSync(), forward=forward)[0]
 
 
 class _InterruptFlag:
