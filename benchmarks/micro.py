@@ -84,6 +84,76 @@ def im2col_order():
     show("conv2 forward product: (i, j, c) columns | (c, i, j)", ijc, cij)
 
 
+def strided_slices_im2col(x, k):
+    """im2col before the permutation path: one strided slice per kernel offset, stacked."""
+    n, h, w, c = x.shape
+    oh, ow = (h - k) // k + 1, (w - k) // k + 1
+    s = [
+        x[:, i : i + k * (oh - 1) + 1 : k, j : j + k * (ow - 1) + 1 : k, :]
+        for i in range(k)
+        for j in range(k)
+    ]
+    return np.stack(s, axis=3).reshape(n * oh * ow, k * k * c)
+
+
+def im2col():
+    """im2col of SimpleCNN's 2x2 stride-2 layers: where the windows tile the input, one
+    permutation copy (conv.im2col, for more than one channel) against strided slices."""
+    for name, (h, c) in {"conv1": (28, 1), "conv2": (16, 32), "conv3": (8, 64)}.items():
+        for n in (128, 1):
+            x = rng.random((n, h, h, c), dtype=np.float32)
+            assert np.array_equal(conv.im2col(x, (2, 2), (2, 2))[0], strided_slices_im2col(x, 2))
+            show(
+                f"{name} im2col, batch {n}: conv.im2col | strided slices + stack",
+                lambda x=x: conv.im2col(x, (2, 2), (2, 2)),
+                lambda x=x: strided_slices_im2col(x, 2),
+                "us",
+                repeats=30 if n > 1 else 300,
+                scale=1e3,
+            )
+
+
+def weight_order():
+    """conv2d_forward at batch 1 with the weight stored as Conv2d keeps it (conv.matrix_order:
+    the product's right factor is a C-ordered view) against a plain C-ordered weight (the
+    factor is a copy, then a transposed view)."""
+    for name, (h, c, o, p) in {"conv2": (14, 32, 64, 1), "conv3": (8, 64, 128, 0)}.items():
+        x = nhwc_view((1, h, h, c))
+        w = rng.random((o, c, 2, 2), dtype=np.float32)
+        b = rng.random((o,), dtype=np.float32)
+        arranged = conv.matrix_order(w)
+        ours, theirs = {}, {}  # each its own reused padding buffer, as a layer keeps
+        show(
+            f"{name} forward, batch 1: weight in matrix order | C order",
+            lambda x=x, w=arranged, b=b, p=p, d=ours: conv.conv2d_forward(x, w, b, 2, p, d),
+            lambda x=x, w=w, b=b, p=p, d=theirs: conv.conv2d_forward(x, w, b, 2, p, d),
+            "us",
+            repeats=300,
+            scale=1e3,
+        )
+
+
+def weight_grad():
+    """The weight-gradient product g.T @ col of conv layers at batch 128: conv.weight_grad_matrix
+    (computed as (col.T @ g).T where K >= O) against g.T @ col as it is written."""
+    shapes = {
+        "SimpleCNN conv1": (25088, 4, 32),
+        "SimpleCNN conv2": (8192, 128, 64),
+        "SimpleCNN conv3": (2048, 256, 128),
+        "MiniVGG conv2": (25088, 288, 64),
+        "MiniVGG conv4": (6272, 1152, 128),
+    }
+    for name, (m, k, o) in shapes.items():
+        col = rng.random((m, k), dtype=np.float32)
+        g = rng.random((m, o), dtype=np.float32)
+        show(
+            f"{name} dW (K={k}, O={o}): (col.T @ g).T | g.T @ col",
+            lambda col=col, g=g: conv.weight_grad_matrix(g, col),
+            lambda col=col, g=g: g.T @ col,
+            repeats=10 if k > 500 else 30,
+        )
+
+
 def stride1_conv():
     shapes = {"conv2": (128, 15, 64, 32), "conv3": (128, 9, 128, 64)}
     for name, (n, hp, cin, cout) in shapes.items():
@@ -258,13 +328,13 @@ def batch1_floor():
     def layer(h, name, p):
         if p:
             h = np.pad(h, ((0, 0), (p, p), (p, p), (0, 0)))
-        n, size = h.shape[0], (h.shape[1] - 2) // 2 + 1
-        s = [
-            h[:, i : i + 2 * size - 1 : 2, j : j + 2 * size - 1 : 2, :]
-            for i in range(2)
-            for j in range(2)
-        ]
-        z = np.stack(s, axis=3).reshape(n * size * size, -1) @ wm[name].T + sd[name + ".bias"]
+        n, size, c = h.shape[0], (h.shape[1] - 2) // 2 + 1, h.shape[3]
+        if c > 1:  # as conv.im2col: the windows tile the input
+            t = h[:, : 2 * size, : 2 * size, :].reshape(n, size, 2, size, 2, c)
+            col = t.transpose(0, 1, 3, 2, 4, 5).reshape(n * size * size, 4 * c)
+        else:
+            col = strided_slices_im2col(h, 2)
+        z = col @ wm[name].T + sd[name + ".bias"]
         return np.maximum(z, 0).reshape(n, size, size, -1)
 
     def plain():
@@ -346,6 +416,9 @@ PARTS = (
     page_faults,
     relu,
     im2col_order,
+    im2col,
+    weight_order,
+    weight_grad,
     stride1_conv,
     col2im,
     adaptive_pool,

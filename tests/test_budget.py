@@ -7,8 +7,11 @@ import pytest
 
 from counting import count_operations, simple_cnn_counts
 
-#: (training step at batch 128, batch-1 forward), per input-gradient method
-BUDGET = {"dilation": (166, 42), "dilation-zeros": (189, 42), "col2im": (163, 42)}
+#: (training step at batch 128, batch-1 forward), per input-gradient method. Raised on
+#: 2026-11-28 from (166, 42), (189, 42), (163, 42) by two views per forward (the permutation
+#: im2col: reshape + permute_dims in place of one stack) and two per step (the weight gradient
+#: product in the weight's memory order), each change measured faster in benchmarks/micro.py.
+BUDGET = {"dilation": (170, 44), "dilation-zeros": (193, 44), "col2im": (167, 44)}
 
 
 @pytest.mark.parametrize("method", sorted(BUDGET))

@@ -326,3 +326,84 @@ def test_unknown_input_grad_method(backend):
 def test_pair_refuses_bad_values(bad):
     with pytest.raises((TypeError, ValueError), match="stride"):
         conv.pair(bad, "stride")
+
+
+def _im2col_loops(x, k, s):
+    """im2col by loops over output pixels: row (n, y, x), columns in (i, j, c) order."""
+    n, h, w, c = x.shape
+    oh, ow = (h - k) // s + 1, (w - k) // s + 1
+    col = np.empty((n, oh, ow, k, k, c))
+    for y in range(oh):
+        for xx in range(ow):
+            col[:, y, xx] = x[:, s * y : s * y + k, s * xx : s * xx + k, :]
+    return col.reshape(n * oh * ow, k * k * c)
+
+
+# (N, H, W, C, k, s): windows that tile the input (the permutation path for C > 1), with and
+# without leftover rows and columns, one channel (strided slices), and overlapping windows
+IM2COL_CASES = [(2, 8, 8, 3, 2, 2), (1, 11, 7, 2, 3, 3), (2, 9, 9, 4, 2, 2), (2, 9, 9, 1, 2, 2)]
+
+
+@pytest.mark.parametrize(
+    "case", IM2COL_CASES + [(1, 7, 6, 3, 3, 2)], ids=lambda c: "n{}h{}w{}c{}-k{}s{}".format(*c)
+)
+def test_im2col_matches_loops(backend_dtype, rng, case):
+    backend, dtype = backend_dtype
+    n, h, w, c, k, s = case
+    x = rng.standard_normal((n, h, w, c))
+    col, (oh, ow) = conv.im2col(backend.asarray(x, dtype), (k, k), (s, s))
+    assert (oh, ow) == ((h - k) // s + 1, (w - k) // s + 1)
+    assert_close(col, _im2col_loops(x, k, s), dtype, "col", backend=backend)
+
+
+def test_matrix_order_keeps_the_values(backend_dtype, rng):
+    """`matrix_order` changes where the weight's values live, never what they are."""
+    backend, dtype = backend_dtype
+    for shape in [(4, 3, 2, 2), (5, 1, 3, 2), (2, 6, 1, 1)]:
+        w = rng.standard_normal(shape)
+        arranged = conv.matrix_order(backend.asarray(w, dtype))
+        assert tuple(arranged.shape) == shape
+        assert_close(arranged, w, dtype, f"matrix_order {shape}", backend=backend)
+        assert np.array_equal(to_numpy(arranged), to_numpy(backend.asarray(w, dtype)))
+
+
+@pytest.mark.parametrize("k_o", [(4, 32), (128, 64), (9, 9)], ids=lambda t: f"K{t[0]}-O{t[1]}")
+def test_weight_grad_matrix_is_g_transposed_times_col(backend_dtype, rng, k_o):
+    """Both ways of computing dL/dWmat (chosen by K >= O) are g.T @ col."""
+    backend, dtype = backend_dtype
+    k, o = k_o
+    col, g = rng.standard_normal((50, k)), rng.standard_normal((50, o))
+    dw = conv.weight_grad_matrix(backend.asarray(g, dtype), backend.asarray(col, dtype))
+    assert_close(dw, g.T @ col, dtype, "dW", backend=backend)
+
+
+def test_conv2d_keeps_its_weight_in_matrix_order_on_numpy():
+    """The speed property behind batch-1 latency (docs/performance.md): on NumPy the forward's
+    right factor ``weight_matrix(W).T`` is a C-ordered view of the weight after creation,
+    loading, moving and optimizer steps; the weight gradient has the same memory order."""
+    import xpcnn
+    from xpcnn import functional as F
+
+    def in_matrix_order(w):
+        factor = conv.weight_matrix(w).T
+        return factor.flags.c_contiguous and np.shares_memory(factor, w)
+
+    model = xpcnn.SimpleCNN(seed=0)
+    convs = [model.conv1, model.conv2, model.conv3]
+    assert all(in_matrix_order(m.weight.data) for m in convs)
+    model.load_state_dict(xpcnn.SimpleCNN(seed=1).state_dict())
+    assert all(in_matrix_order(m.weight.data) for m in convs)
+    model.to("cpu", dtype="float64")
+    assert all(in_matrix_order(m.weight.data) for m in convs)
+    rng = np.random.default_rng(0)
+    x, y = rng.random((8, 1, 28, 28)), rng.integers(0, 10, 8)
+    for opt in (
+        xpcnn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
+        xpcnn.optim.Adam(model.parameters(), lr=1e-3),
+    ):
+        for _ in range(2):
+            _, g = F.cross_entropy(model(x), y)
+            model.backward(g, need_input_grad=False)
+            assert all(m.weight.grad.strides == m.weight.data.strides for m in convs[1:])
+            opt.step()
+        assert all(in_matrix_order(m.weight.data) for m in convs)

@@ -79,14 +79,22 @@ def _check_dtype(dtype):
 class Parameter:
     """A trainable array (``data``) and its gradient (``grad``, None until a backward pass).
 
-    A parameter created under `xpcnn.init.deferred` has no data yet, only its shape."""
+    A parameter created under `xpcnn.init.deferred` has no data yet, only its shape.
+    ``arrange``, if given, maps an array to the same values in the memory order its layer
+    computes fastest with; it is applied wherever the module sets ``data`` from outside (at
+    creation, `Module.load_state_dict`, `Module.to`). Only speed depends on it."""
 
-    __slots__ = ("_shape", "data", "grad")
+    __slots__ = ("_shape", "arrange", "data", "grad")
 
-    def __init__(self, data, shape=None):
-        self.data = data
+    def __init__(self, data, shape=None, arrange=None):
+        self.arrange = arrange
+        self.data = data if data is None or arrange is None else arrange(data)
         self.grad = None
         self._shape = tuple(shape) if data is None else None
+
+    def _set(self, data) -> None:
+        self.data = data if self.arrange is None else self.arrange(data)
+        self.grad = None
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -217,12 +225,13 @@ class Module:
         return {"type": type(self).__name__, **_jsonable(args, type(self).__name__)}
 
     # --- creating state -----------------------------------------------------------------------
-    def param(self, host) -> Parameter:
+    def param(self, host, arrange=None) -> Parameter:
         """A `Parameter` holding the host (NumPy) array ``host`` on this module's backend and
-        dtype; under `xpcnn.init.deferred`, one that records only the shape."""
+        dtype (``arrange``: see `Parameter`); under `xpcnn.init.deferred`, one that records
+        only the shape."""
         if init.is_deferred():
-            return Parameter(None, host.shape)
-        return Parameter(self.backend.asarray(host, self.dtype))
+            return Parameter(None, host.shape, arrange)
+        return Parameter(self.backend.asarray(host, self.dtype), arrange=arrange)
 
     def buffer(self, host, kind="float") -> Buffer:
         """A `Buffer` like `param` (``kind="int64"`` keeps integer counters integer)."""
@@ -352,8 +361,7 @@ class Module:
             host[name] = value
         for name, p in entries.items():
             kind = getattr(p, "kind", "float")
-            p.data = self.backend.asarray(host[name], self.dtype if kind == "float" else kind)
-            p.grad = None
+            p._set(self.backend.asarray(host[name], self.dtype if kind == "float" else kind))
         return self
 
     def to(self, device=None, dtype=None) -> Module:
@@ -365,7 +373,7 @@ class Module:
         for p in [*self.parameters(), *self.buffers()]:
             if p.data is not None:
                 kind = getattr(p, "kind", "float")
-                p.data = backend.asarray(to_numpy(p.data), dtype if kind == "float" else kind)
+                p._set(backend.asarray(to_numpy(p.data), dtype if kind == "float" else kind))
             p.grad = None
         for m in self.modules():
             m.backend, m.dtype, m._cache, m._buffers = backend, dtype, None, {}
@@ -481,7 +489,8 @@ class Conv2d(Module):
         fan_in = self.in_channels * kh * kw
         g = init.rng(seed)
         self.weight = self.param(
-            init.uniform_fan_in(g, (self.out_channels, self.in_channels, kh, kw), fan_in)
+            init.uniform_fan_in(g, (self.out_channels, self.in_channels, kh, kw), fan_in),
+            arrange=C.matrix_order,
         )
         self.bias = (
             self.param(init.uniform_fan_in(g, (self.out_channels,), fan_in))
