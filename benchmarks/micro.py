@@ -133,27 +133,6 @@ def weight_order():
         )
 
 
-def weight_grad():
-    """The weight-gradient product g.T @ col of conv layers at batch 128: conv.weight_grad_matrix
-    (computed as (col.T @ g).T where K >= O) against g.T @ col as it is written."""
-    shapes = {
-        "SimpleCNN conv1": (25088, 4, 32),
-        "SimpleCNN conv2": (8192, 128, 64),
-        "SimpleCNN conv3": (2048, 256, 128),
-        "MiniVGG conv2": (25088, 288, 64),
-        "MiniVGG conv4": (6272, 1152, 128),
-    }
-    for name, (m, k, o) in shapes.items():
-        col = rng.random((m, k), dtype=np.float32)
-        g = rng.random((m, o), dtype=np.float32)
-        show(
-            f"{name} dW (K={k}, O={o}): (col.T @ g).T | g.T @ col",
-            lambda col=col, g=g: conv.weight_grad_matrix(g, col),
-            lambda col=col, g=g: g.T @ col,
-            repeats=10 if k > 500 else 30,
-        )
-
-
 def stride1_conv():
     shapes = {"conv2": (128, 15, 64, 32), "conv3": (128, 9, 128, 64)}
     for name, (n, hp, cin, cout) in shapes.items():
@@ -418,7 +397,6 @@ PARTS = (
     im2col_order,
     im2col,
     weight_order,
-    weight_grad,
     stride1_conv,
     col2im,
     adaptive_pool,

@@ -133,8 +133,7 @@ def matrix_order(weight: Array) -> Array:
     needs no copy of the weight, and OpenBLAS multiplies small matrices about twice as fast
     when the right factor is C-ordered rather than a transposed view (batch 1:
     ``benchmarks/micro.py --only weight_order``). The order survives training where the
-    namespace keeps its operands' memory order (NumPy, PyTorch): the optimizer updates in
-    place, and `conv2d_backward` computes the weight gradient in the same order.
+    namespace updates in place (NumPy, PyTorch: the optimizer's ``p -= lr * g``).
     """
     o, c, kh, kw = weight.shape
     xp = array_namespace(weight)
@@ -487,19 +486,6 @@ def input_grad_col2im(g: Array, weight: Array, in_size: Pair, stride: Pair, padd
     return dx[:, ph : ph + h, pw : pw + w, :]
 
 
-def weight_grad_matrix(g2d: Array, col: Array) -> Array:
-    """dL/dWmat = ``g2d.T @ col``, (O, K), from dL/dZ as ``(N*OH*OW, O)`` and the im2col matrix.
-
-    When K >= O it is computed as ``(col.T @ g2d).T``, the same sums: OpenBLAS is 1.3-1.6x
-    faster at that product for these shapes (slower when K < O), and the result then has the
-    memory order `matrix_order` gives the weight, so the optimizer's in-place update runs over
-    matching layouts (``benchmarks/micro.py --only weight_grad``)."""
-    xp = array_namespace(g2d, col)
-    if col.shape[1] >= g2d.shape[1]:
-        return xp.matrix_transpose(xp.matrix_transpose(col) @ g2d)
-    return xp.matrix_transpose(g2d) @ col
-
-
 def conv2d_backward(
     g: Array,
     col: Array,
@@ -524,7 +510,7 @@ def conv2d_backward(
     n, o, oh, ow = g.shape
     g2d = xp.reshape(to_nhwc(g), (n * oh * ow, o))  # a copy only if g is not NHWC in memory
     g_nhwc = xp.reshape(g2d, (n, oh, ow, o))  # so that later reshapes of it are free
-    dw = weight_from_matrix(weight_grad_matrix(g2d, col), weight.shape)
+    dw = weight_from_matrix(xp.matrix_transpose(g2d) @ col, weight.shape)
     db = xp.sum(g2d, axis=0)
     if not need_input_grad:
         return None, dw, db
