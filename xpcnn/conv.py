@@ -19,7 +19,9 @@ Forward (a correlation, like every deep-learning "convolution"):
 im2col gathers, for every output pixel (n, y, x), the ``kh*kw*C`` input values it sees into one
 row, so the whole layer is one matrix product ``Z = col @ Wmat.T`` with ``Wmat`` the weights laid
 out as ``(O, kh*kw*C)`` (`weight_matrix`). The rows are built from ``kh*kw`` strided slices of the
-padded input, one per kernel offset (i, j), each a contiguous block of C channels.
+padded input, one per kernel offset (i, j), each a contiguous block of C channels (or, where the
+windows tile the input, by one reshape and permutation). `Conv2d` stores its weight in the memory
+order of ``Wmat.T`` (`matrix_order`), so that the product's right factor is a view.
 
 Gradients, given ``G = dL/dZ``:
 
