@@ -301,7 +301,11 @@ def batch1_floor():
     """xpcnn's forward at batch 1 against the same arithmetic as bare NumPy calls."""
     model = xpcnn.SimpleCNN().eval()
     sd = model.state_dict()
-    wm = {c: conv.weight_matrix(sd[c + ".weight"]) for c in ("conv1", "conv2", "conv3")}
+    # the weights in the memory order Conv2d keeps them in (state_dict hands out C order)
+    wm = {
+        c: conv.weight_matrix(conv.matrix_order(sd[c + ".weight"]))
+        for c in ("conv1", "conv2", "conv3")
+    }
     x = rng.random((1, 1, 28, 28), dtype=np.float32)
 
     def layer(h, name, p):

@@ -10,7 +10,7 @@ from counting import count_operations, simple_cnn_counts
 #: (training step at batch 128, batch-1 forward), per input-gradient method. Raised on
 #: 2026-11-28 from (166, 42), (189, 42), (163, 42) by the permutation im2col: for conv2 and
 #: conv3, reshape + permute_dims (a view) + reshape in place of four slices (not counted: views)
-#: + stack + reshape, 1.5-1.7x faster (`python benchmarks/micro.py --only im2col`).
+#: + stack + reshape, 1.4-1.7x faster (`python benchmarks/micro.py --only im2col`).
 BUDGET = {"dilation": (168, 44), "dilation-zeros": (191, 44), "col2im": (165, 44)}
 
 

@@ -367,26 +367,47 @@ def test_matrix_order_keeps_the_values(backend_dtype, rng):
         assert np.array_equal(to_numpy(arranged), to_numpy(backend.asarray(w, dtype)))
 
 
-def test_conv2d_keeps_its_weight_in_matrix_order_on_numpy():
-    """The speed property behind batch-1 latency (docs/performance.md): on NumPy the forward's
-    right factor ``weight_matrix(W).T`` is a C-ordered view of the weight after creation,
-    loading, moving and optimizer steps."""
+@pytest.mark.parametrize("device", ["cpu", "torch:cpu"])
+def test_conv2d_keeps_its_weight_in_matrix_order(device):
+    """The speed property behind batch-1 latency (docs/performance.md): on NumPy and torch the
+    forward's right factor ``weight_matrix(W).T`` is a C-ordered view of the weight after
+    creation, loading C-ordered arrays, moving, a deferred build and optimizer steps; and
+    `state_dict` hands out C-ordered copies."""
     import xpcnn
     from xpcnn import functional as F
+    from xpcnn.interop import from_torch, to_torch
 
-    def in_matrix_order(w):
-        factor = conv.weight_matrix(w).T
-        return factor.flags.c_contiguous and np.shares_memory(factor, w)
+    if device.startswith("torch"):
+        pytest.importorskip("torch")
 
-    model = xpcnn.SimpleCNN(seed=0)
-    convs = [model.conv1, model.conv2, model.conv3]
-    assert all(in_matrix_order(m.weight.data) for m in convs)
-    model.load_state_dict(xpcnn.SimpleCNN(seed=1).state_dict())
-    assert all(in_matrix_order(m.weight.data) for m in convs)
-    model.to("cpu", dtype="float64")
-    assert all(in_matrix_order(m.weight.data) for m in convs)
+    def check(model):
+        for m in (model.conv1, model.conv2, model.conv3):
+            factor = model.backend.to_host(conv.weight_matrix(m.weight.data).T)
+            assert factor.flags.c_contiguous, m.label
+            assert np.shares_memory(factor, model.backend.to_host(m.weight.data)), m.label
+
+    model = xpcnn.SimpleCNN(seed=0, device=device)
+    check(model)
+    state = xpcnn.SimpleCNN(seed=1).state_dict()
+    assert all(v.flags.c_contiguous for v in state.values())
+    model.load_state_dict(state)
+    check(model)
+    out = model.state_dict()
+    assert all(v.flags.c_contiguous for v in out.values())
+    out["conv3.weight"][...] = 0.0  # a copy: the model keeps its weights
+    assert float(np.abs(model.backend.to_host(model.conv3.weight.data)).max()) > 0
+
+    moved = xpcnn.SimpleCNN(seed=2, device=device)
+    for m in (moved.conv1, moved.conv2, moved.conv3):  # C order, as a user might set it
+        m.weight.data = moved.backend.asarray(out[m.name + ".weight"], "float32")
+    moved.to(device, dtype="float64")
+    check(moved)
+    check(from_torch(to_torch(model)).to(device))  # built deferred, weights loaded afterwards
+
     rng = np.random.default_rng(0)
-    x, y = rng.random((8, 1, 28, 28)), rng.integers(0, 10, 8)
+    b = model.backend
+    x = b.asarray(rng.random((8, 1, 28, 28)), "float32")
+    y = b.asarray(rng.integers(0, 10, 8), "int64")
     for opt in (
         xpcnn.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4),
         xpcnn.optim.Adam(model.parameters(), lr=1e-3),
@@ -395,4 +416,13 @@ def test_conv2d_keeps_its_weight_in_matrix_order_on_numpy():
             _, g = F.cross_entropy(model(x), y)
             model.backward(g, need_input_grad=False)
             opt.step()
-        assert all(in_matrix_order(m.weight.data) for m in convs)
+        check(model)
+
+
+def test_im2col_never_shares_memory_with_its_input():
+    """A 1x1 kernel with stride 1 tiles the input too; the matrix must still be a copy (the
+    backward pass uses it after the caller may have reused the input's memory)."""
+    x = np.random.default_rng(0).random((2, 3, 3, 4))
+    col, _ = conv.im2col(x, (1, 1), (1, 1))
+    assert not np.shares_memory(col, x)
+    np.testing.assert_array_equal(col, x.reshape(18, 4))

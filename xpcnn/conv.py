@@ -104,11 +104,12 @@ def im2col(x: Array, kernel: Pair, stride: Pair) -> tuple[Array, Pair]:
     if (sh, sw) == (kh, kw) and c > 1:
         # The windows tile the input (SimpleCNN's 2x2 stride-2 case): splitting each spatial
         # axis into (output pixel, kernel offset) and moving the offsets next to the channels
-        # is one copy, 1.5-2x faster than the slices below. For one channel the slices win:
+        # is one copy, 1.4-1.7x faster than the slices below. For one channel the slices win:
         # the copy would move runs of kw values (measured: benchmarks/micro.py --only im2col).
+        # copy=True: col never shares memory with x (a 1x1 kernel would make it a view).
         tiles = xp.reshape(x[:, : oh * kh, : ow * kw, :], (n, oh, kh, ow, kw, c))
         col = xp.permute_dims(tiles, (0, 1, 3, 2, 4, 5))  # (N, OH, OW, kh, kw, C)
-        return xp.reshape(col, (n * oh * ow, kh * kw * c)), (oh, ow)
+        return xp.reshape(col, (n * oh * ow, kh * kw * c), copy=True), (oh, ow)
     # One strided slice per kernel offset (i, j): element [n, y, x, c] of slice (i, j) is
     # x[n, s*y + i, s*x + j, c], the input that offset sees from output pixel (y, x).
     slices = [

@@ -432,6 +432,8 @@ class World:
         if self.rank != 0:
             leaves = iter(backend.asarray(h) for h in host)
             step.set_state(*_rebuild([params, buffers, opt_state], leaves))
+            for p in step.params:  # the broadcast copies arrive C-ordered: arrange them again
+                p.set(p.data)
 
     # --- during the run ---------------------------------------------------------------------------
     def step(

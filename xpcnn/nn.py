@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 from array_api_compat import device
 
@@ -31,7 +32,7 @@ from . import conv as C
 from . import functional as F
 from . import init
 from ._namespace import array_namespace
-from .backends import get_backend, to_numpy
+from .backends import get_backend, host_copy, to_numpy
 
 __all__ = [
     "ELU",
@@ -81,19 +82,22 @@ class Parameter:
 
     A parameter created under `xpcnn.init.deferred` has no data yet, only its shape.
     ``arrange``, if given, maps an array to the same values in the memory order its layer
-    computes fastest with; it is applied wherever the module sets ``data`` from outside (at
-    creation, `Module.load_state_dict`, `Module.to`). Only speed depends on it."""
+    computes fastest with (`xpcnn.conv.matrix_order`); `set` applies it, and the module uses
+    `set` wherever data comes from outside (creation, `Module.load_state_dict`, `Module.to`,
+    the broadcast of an MPI run). Only speed depends on it: `Module.state_dict` hands out
+    C-ordered copies."""
 
     __slots__ = ("_shape", "arrange", "data", "grad")
 
-    def __init__(self, data, shape=None, arrange=None):
+    def __init__(self, data, shape=None, arrange: Callable[[Any], Any] | None = None) -> None:
         self.arrange = arrange
-        self.data = data if data is None or arrange is None else arrange(data)
-        self.grad = None
         self._shape = tuple(shape) if data is None else None
+        self.set(data)
 
-    def _set(self, data) -> None:
-        self.data = data if self.arrange is None else self.arrange(data)
+    def set(self, data) -> None:
+        """Replace the array (arranged, if the parameter has an ``arrange``) and drop the
+        gradient; None leaves a deferred parameter without data."""
+        self.data = data if data is None or self.arrange is None else self.arrange(data)
         self.grad = None
 
     @property
@@ -225,7 +229,7 @@ class Module:
         return {"type": type(self).__name__, **_jsonable(args, type(self).__name__)}
 
     # --- creating state -----------------------------------------------------------------------
-    def param(self, host, arrange=None) -> Parameter:
+    def param(self, host, arrange: Callable[[Any], Any] | None = None) -> Parameter:
         """A `Parameter` holding the host (NumPy) array ``host`` on this module's backend and
         dtype (``arrange``: see `Parameter`); under `xpcnn.init.deferred`, one that records
         only the shape."""
@@ -317,7 +321,7 @@ class Module:
     def state_dict(self) -> dict:
         """``{name: NumPy array}`` copies of every parameter and buffer, PyTorch names,
         layouts and order."""
-        return {name: self.backend.to_host(p.data) for name, p in self.named_state()}
+        return {name: host_copy(p.data) for name, p in self.named_state()}
 
     def load_state_dict(self, state) -> Module:
         """Load parameters and buffers from a mapping of NumPy arrays or torch tensors (any
@@ -361,7 +365,7 @@ class Module:
             host[name] = value
         for name, p in entries.items():
             kind = getattr(p, "kind", "float")
-            p._set(self.backend.asarray(host[name], self.dtype if kind == "float" else kind))
+            p.set(self.backend.asarray(host[name], self.dtype if kind == "float" else kind))
         return self
 
     def to(self, device=None, dtype=None) -> Module:
@@ -373,7 +377,7 @@ class Module:
         for p in [*self.parameters(), *self.buffers()]:
             if p.data is not None:
                 kind = getattr(p, "kind", "float")
-                p._set(backend.asarray(to_numpy(p.data), dtype if kind == "float" else kind))
+                p.set(backend.asarray(to_numpy(p.data), dtype if kind == "float" else kind))
             p.grad = None
         for m in self.modules():
             m.backend, m.dtype, m._cache, m._buffers = backend, dtype, None, {}

@@ -21,6 +21,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+import numpy as np
+
 from .base import Backend, BackendUnavailable, blas_single_threaded, blas_threads
 
 __all__ = [
@@ -32,6 +34,7 @@ __all__ = [
     "blas_single_threaded",
     "blas_threads",
     "get_backend",
+    "host_copy",
     "register_backend",
     "to_numpy",
 ]
@@ -220,6 +223,13 @@ def to_numpy(x):
     if isinstance(x, np.ndarray | np.generic):
         return np.asarray(x)
     return backend_of(x).to_host(x)
+
+
+def host_copy(x) -> np.ndarray:
+    """A C-ordered NumPy copy of any supported array that never shares memory with it (what
+    `xpcnn.nn.Module.state_dict` hands out: `to_numpy` of a NumPy or torch CPU array is the
+    same memory, and a weight may be stored in another order, `xpcnn.conv.matrix_order`)."""
+    return np.array(to_numpy(x), order="C", copy=True)
 
 
 def _reset_cache():

@@ -65,7 +65,9 @@ class Backend:
             return self.xp.asarray(host, dtype=dt, device=self.device, copy=True)
 
     def to_host(self, x):
-        """A NumPy copy of ``x`` (which must live on this backend)."""
+        """``x`` (which must live on this backend) as a NumPy array: a copy, except for arrays
+        already in host memory (NumPy's are returned as they are; a torch CPU tensor's
+        ``.numpy()`` shares its memory), which callers such as the MPI allreduce rely on."""
         return np.asarray(x)
 
     def synchronize(self):
