@@ -2,6 +2,7 @@
 
     python benchmarks/inference.py --threads 2
     python benchmarks/inference.py --threads 1 --rounds 7
+    python benchmarks/inference.py --threads 2 --model minivgg   # another zoo model
 
 Per-image latency at batch 1 and throughput at batch 1000, both in eval mode (no_grad for
 torch), for xpcnn on NumPy (eager; and with one worker thread per core sharing each
@@ -51,11 +52,12 @@ def main():
     p.add_argument("--json", default=None)
     p.add_argument("--no-jax", action="store_true", help="leave out the compiled JAX contender")
     p.add_argument("--no-workers", action="store_true", help="leave out xpcnn with worker threads")
+    p.add_argument("--model", default="simplecnn", help="a zoo model (xpcnn.models.names())")
     args = p.parse_args()
     torch.set_num_threads(THREADS)
 
     data = xpcnn.datasets.load("mnist-5k")
-    model = xpcnn.SimpleCNN(seed=0).eval()
+    model = xpcnn.models.create(args.model, seed=0).eval()
     net = to_torch(model).eval()
     images = (data.test_images[:, None] / 255.0).astype(np.float32)
     batch1000 = images[:1000]
@@ -79,7 +81,7 @@ def main():
     compile_s = {}
     if not args.no_jax:
         jb = xpcnn.get_backend("jax:cpu")
-        jmodel = xpcnn.SimpleCNN(seed=0, device="jax:cpu").eval()
+        jmodel = xpcnn.models.create(args.model, seed=0, device="jax:cpu").eval()
         predict = predict_function(jmodel, compile=True)
         jone = [jb.asarray(a, "float32") for a in one]
         j1000 = jb.asarray(batch1000, "float32")
@@ -105,7 +107,7 @@ def main():
 
     contenders["torch"] = (torch_latency, torch_batch)
     results = {k: {"latency": [], "throughput": []} for k in contenders}
-    print(f"machine: {machine()}  threads: {THREADS}", flush=True)
+    print(f"machine: {machine()}  threads: {THREADS}  model: {args.model}", flush=True)
     if compile_s:
         print(f"xpcnn-jax first calls (trace + compile): {compile_s}", flush=True)
     for rnd in range(args.rounds + 1):  # round 0 warms up
@@ -126,7 +128,7 @@ def main():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
 
-    report = {"machine": machine(), "threads": THREADS, "rounds": args.rounds}
+    report = {"machine": machine(), "threads": THREADS, "rounds": args.rounds, "model": args.model}
     report["compile_s"] = compile_s
     names = [n for n in results if n != "torch"]
     head = "".join(f"{n:>12}" for n in [*names, "torch"])

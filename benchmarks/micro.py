@@ -113,6 +113,36 @@ def im2col():
             )
 
 
+def two_stage_im2col(x, k):
+    """The alternative tried for small channel counts (stride 1): the kw column slices
+    first, then kh row slices of that, each copying runs of kw*C values instead of C."""
+    n, h, w, c = x.shape
+    oh, ow = h - k + 1, w - k + 1
+    rows = np.stack([x[:, :, j : j + ow, :] for j in range(k)], axis=3).reshape(n, h, ow, k * c)
+    col = np.stack([rows[:, i : i + oh] for i in range(k)], axis=3)
+    return col.reshape(n * oh * ow, k * k * c)
+
+
+def zoo_im2col():
+    """im2col of LeNet-5's 5x5 and MiniVGG's 3x3 stride-1 layers at batch 128 (one thread):
+    conv.im2col's strided slices against the two-stage alternative."""
+    shapes = {
+        "LeNet-5 conv1": (32, 1, 5),
+        "LeNet-5 conv2": (14, 6, 5),
+        "MiniVGG conv1": (30, 1, 3),
+        "MiniVGG conv4": (9, 128, 3),
+    }
+    for name, (h, c, k) in shapes.items():
+        x = rng.random((128, h, h, c), dtype=np.float32)
+        assert np.array_equal(conv.im2col(x, (k, k), (1, 1))[0], two_stage_im2col(x, k))
+        show(
+            f"{name} im2col, batch 128: conv.im2col | two stages",
+            lambda x=x, k=k: conv.im2col(x, (k, k), (1, 1)),
+            lambda x=x, k=k: two_stage_im2col(x, k),
+            repeats=20,
+        )
+
+
 def weight_order():
     """conv2d_forward at batch 1 with the weight stored as Conv2d keeps it (conv.matrix_order:
     the product's right factor is a C-ordered view) against a plain C-ordered weight (the
@@ -400,6 +430,7 @@ PARTS = (
     relu,
     im2col_order,
     im2col,
+    zoo_im2col,
     weight_order,
     stride1_conv,
     col2im,
