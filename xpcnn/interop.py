@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from .backends import to_numpy
+from .backends import host_copy, to_numpy
 from .checkpoint import atomic_write
 from .nn import Module, Sequential, SimpleCNN
 
@@ -138,13 +138,10 @@ def _atomic_write(path, data):
 def _host_state(model_or_state):
     """Contiguous NumPy copies of a model's parameters (or of a mapping of arrays)."""
     if isinstance(model_or_state, Module):
-        state = model_or_state.state_dict()
-    elif isinstance(model_or_state, Mapping):
-        state = {k: to_numpy(v) for k, v in model_or_state.items()}
-    else:
-        raise TypeError(f"expected an xpcnn model or a state dict, got {type(model_or_state)}")
-    # a copy: on NumPy, state_dict() shares memory with the live parameters
-    return {k: np.array(v, order="C", copy=True) for k, v in state.items()}
+        return model_or_state.state_dict()  # C-ordered copies already
+    if isinstance(model_or_state, Mapping):
+        return {k: host_copy(v) for k, v in model_or_state.items()}
+    raise TypeError(f"expected an xpcnn model or a state dict, got {type(model_or_state)}")
 
 
 def save_safetensors(model, path):
