@@ -124,18 +124,29 @@ class Buffer(Parameter):
 
 
 @contextlib.contextmanager
+def swapped(objects, name: str, values) -> Iterator[None]:
+    """Set attribute ``name`` of each of ``objects`` to the matching one of ``values`` for the
+    duration, then put back what was there."""
+    saved = [getattr(o, name) for o in objects]
+    for o, v in zip(objects, values, strict=True):
+        setattr(o, name, v)
+    try:
+        yield
+    finally:
+        for o, v in zip(objects, saved, strict=True):
+            setattr(o, name, v)
+
+
+@contextlib.contextmanager
 def bound(slots, arrays) -> Iterator[None]:
     """Bind ``arrays`` into the `Parameter`/`Buffer` objects ``slots`` for the duration, then
     put back what was there and clear the gradients (so a JAX tracer never stays in a model,
     and a worker's replica keeps no weights between calls)."""
-    saved = [s.data for s in slots]
-    for s, a in zip(slots, arrays, strict=True):
-        s.data = a
     try:
-        yield
+        with swapped(slots, "data", arrays):
+            yield
     finally:
-        for s, a in zip(slots, saved, strict=True):
-            s.data = a
+        for s in slots:
             s.grad = None
 
 

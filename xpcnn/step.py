@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator
 
 from . import random
 from .functional import correct_count, cross_entropy
-from .nn import bound
+from .nn import bound, swapped
 from .workers import Workers, check_count
 
 __all__ = ["TrainStep", "predict_function", "scratch_off"]
@@ -45,14 +45,8 @@ __all__ = ["TrainStep", "predict_function", "scratch_off"]
 def scratch_off(model) -> Iterator[None]:
     """Switch off the scratch-buffer reuse of every layer of ``model`` for the duration."""
     modules = list(model.modules())
-    saved = [m._buffers for m in modules]
-    for m in modules:
-        m._buffers = None
-    try:
+    with swapped(modules, "_buffers", [None] * len(modules)):
         yield
-    finally:
-        for m, b in zip(modules, saved, strict=True):
-            m._buffers = b
 
 
 class TrainStep:
